@@ -1,0 +1,6 @@
+"""lesa_mm: LESA (Locally Enhanced Self-Attention) for MMDetection 3.x and
+MMPretrain 1.x. Importing the package registers the LESA layer and the
+LESA-ResNet backbones (``custom_imports=dict(imports=['lesa_mm'])``)."""
+__version__ = '0.1.0'
+
+from . import models  # noqa: F401,E402  (registers everything)

@@ -1,0 +1,4 @@
+from setuptools import setup
+
+# metadata and packages live in setup.cfg
+setup()
