@@ -1,0 +1,331 @@
+"""LESA: Locally Enhanced Self-Attention (arXiv:2107.05637).
+
+``LESA(x) = pool( u + gate(u, b) * b )`` with
+
+* ``u = LESAUnary(x)``: the local term, a grouped 3x3 convolution (optionally
+  deformable), a 1x1 convolution and a BatchNorm;
+* ``b = LESABinary(x)``: the context term, global multi-head self-attention
+  with relative positions and BatchNorms over the qkv projection, the logits
+  and the outputs;
+* ``LESAFusion``: the dynamic gate computed from ``[u, b]``.
+
+``LESA_SPEC.md`` states the computation; this file follows it term by term.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+# importing mmcv.ops registers the deformable convs ('DCN', 'DCNv2') that
+# `dcn` configs name
+import mmcv.ops  # noqa: F401
+from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import constant_init, kaiming_init
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lesa_mm.registry import ROOT_MODELS
+from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS
+from .position import POSITION_ENCODINGS, DecomposedRelPos2d
+
+PE_TYPES = tuple(POSITION_ENCODINGS)
+
+
+class LESAUnary(nn.Module):
+    """Local (unary) term: ``BN_x(Conv1x1(GroupConv3x3(x)))``.
+
+    Args:
+        in_channels (int): Input channels.
+        channels (int): Output channels ``C``.
+        groups (int): Groups of the 3x3 convolution. The 1x1 convolution that
+            mixes the groups exists only when ``groups != 1``.
+        dcn (dict, optional): mmcv config of a deformable convolution used as
+            the 3x3 convolution, e.g. ``dict(type='DCN', deform_groups=1)``.
+        norm_cfg (dict): Config of the BatchNorm.
+    """
+
+    def __init__(self, in_channels, channels, groups, dcn=None,
+                 norm_cfg=dict(type='BN')):
+        super().__init__()
+        conv_cfg = None
+        if dcn is not None:
+            conv_cfg = {k: v for k, v in dcn.items() if k != 'fallback_on_stride'}
+        self.conv = build_conv_layer(
+            conv_cfg, in_channels, channels, kernel_size=3, padding=1,
+            groups=groups, bias=False)
+        self.pointwise = (nn.Conv2d(channels, channels, 1, bias=False)
+                    if groups != 1 else None)
+        self.norm = build_norm_layer(norm_cfg, channels)[1]
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.pointwise is not None:
+            x = self.pointwise(x)
+        return self.norm(x)
+
+
+class LESABinary(nn.Module):
+    """Context (binary) term: multi-head self-attention, relative positions.
+
+    ``t = BN_qkv(Conv1x1(x))`` is split head-major into ``q, k, v``; the
+    logits ``q.k`` and the position logits are each normalised by one
+    BatchNorm (``logit_norm``) and summed; the softmax-weighted values (plus,
+    for classification encodings, the softmax-weighted value embeddings) are
+    normalised by ``out_norm``.
+
+    Args:
+        in_channels (int): Input channels.
+        channels (int): Output channels ``C``; ``dq = C / (2 g)`` query/key
+            and ``dv = C / g`` value channels per head.
+        groups (int): Number of heads ``g``.
+        feat_size (int | tuple[int, int]): Feature size the position tables
+            are built for.
+        pe_type (str): ``'detection_qr'`` or ``'classification'``.
+        norm_cfg (dict): Config of the BatchNorms.
+        attn_impl (str): ``'fused'`` (exact, memory-efficient) or
+            ``'reference'`` (the spec's direct formulation).
+    """
+
+    def __init__(self, in_channels, channels, groups, feat_size, pe_type,
+                 norm_cfg=dict(type='BN'), attn_impl='fused'):
+        super().__init__()
+        self.attn_impl = attn_impl
+        self.groups = groups
+        self.head_channels = channels // (2 * groups)  # dq
+        self.value_channels = channels // groups  # dv
+        self.qkv = nn.Conv2d(in_channels, 2 * channels, 1, bias=False)
+        self.qkv_norm = build_norm_layer(norm_cfg, 2 * channels)[1]
+        if pe_type == 'detection_qr':
+            self.position = DecomposedRelPos2d(feat_size, self.head_channels)
+            num_terms, out_channels = 2, channels
+        else:
+            self.position = POSITION_ENCODINGS[pe_type](
+                feat_size, self.head_channels, self.value_channels)
+            # o_v and o_e, interleaved per channel: 2m -> o_v[m], 2m+1 -> o_e[m]
+            num_terms, out_channels = 3, 2 * channels
+        self.logit_norm = build_norm_layer(norm_cfg, num_terms * groups)[1]
+        if attn_impl == 'fused' and not isinstance(self.logit_norm, _BatchNorm):
+            raise ValueError(
+                f"LESA attn_impl='fused' needs a BatchNorm-type norm_cfg "
+                f"(it folds the norm over logits into the softmax), got "
+                f"{norm_cfg!r}; use attn_impl='reference' for other norms")
+        self.out_norm = build_norm_layer(norm_cfg, out_channels)[1]
+
+    @property
+    def pe_type(self):
+        return self.position.pe_type
+
+    def split_heads(self, x):
+        """``q (N,g,dq,L)``, ``k (N,g,dq,L)``, ``v (N,g,dv,L)`` of ``x``."""
+        n, _, h, w = x.shape
+        t = self.qkv_norm(self.qkv(x))
+        t = t.view(n, self.groups, 2 * self.head_channels + self.value_channels,
+                   h * w)
+        d = self.head_channels
+        return t.split([d, d, self.value_channels], dim=2)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        self.position.check_size(h, w)
+        q, k, v = self.split_heads(x)
+        attention = ATTENTION_KERNELS[self.attn_impl]
+        out = attention(q, k, v, self.position, self.logit_norm, h, w)
+        if self.pe_type == 'detection_qr':
+            return self.out_norm(out.reshape(n, -1, h, w))
+        o_v, o_e = out
+        stacked = torch.stack([o_v, o_e], dim=3)  # (N, g, dv, 2, L)
+        normed = self.out_norm(stacked.reshape(n, -1, h, w))
+        return normed.view(n, -1, 2, h, w).sum(dim=2)
+
+
+class LESAFusion(nn.Module):
+    """Dynamic gate: ``y = u + sigmoid(BN(Conv(z))) * b``.
+
+    ``z = ReLU(BN(Conv1x1(ReLU([u, b]))))`` is the "reasoning" step
+    (``2C -> C``); the "projection" step maps it to a per-pixel,
+    per-channel gate.
+
+    Args:
+        channels (int): Channels ``C`` of ``u`` and ``b``.
+        norm_cfg (dict): Config of the BatchNorms.
+    """
+
+    def __init__(self, channels, norm_cfg=dict(type='BN')):
+        super().__init__()
+        self.reason_conv = nn.Conv2d(2 * channels, channels, 1, bias=False)
+        self.reason_norm = build_norm_layer(norm_cfg, channels)[1]
+        self.gate_conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.gate_norm = build_norm_layer(norm_cfg, channels)[1]
+
+    def gate(self, u, b):
+        z = torch.relu(torch.cat([u, b], dim=1))
+        z = torch.relu(self.reason_norm(self.reason_conv(z)))
+        return torch.sigmoid(self.gate_norm(self.gate_conv(z)))
+
+    def forward(self, u, b):
+        return u + self.gate(u, b) * b
+
+
+@contextlib.contextmanager
+def _restored_running_stats(module):
+    """Undo the running-statistic updates made inside the block (used while
+    checkpointing recomputes a forward, so that ``with_cp`` updates the
+    BatchNorm statistics exactly once, as without it)."""
+    norms = [m for m in module.modules()
+             if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(),
+              m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+@ROOT_MODELS.register_module()
+class LESA(BaseModule):
+    """Locally Enhanced Self-Attention layer, a drop-in for a 3x3 conv.
+
+    Args:
+        in_channels (int): Input channels ``Cin`` (divisible by ``groups``).
+        out_channels (int): Output channels ``C`` (divisible by
+            ``2 * groups``).
+        feat_size (int | tuple[int, int]): Feature-map size, at the layer's
+            input, that the relative position tables are built for.
+            ``'classification'`` accepts exactly this size,
+            ``'detection_qr'`` this size or smaller.
+        groups (int): Heads of the binary term and groups of the unary
+            convolution. Defaults to 8.
+        stride (int): If > 1, the fused output is average-pooled with this
+            kernel and stride (attention runs at the input resolution).
+            Defaults to 1.
+        pe_type (str): Relative position encoding, ``'detection_qr'``
+            (decomposed 2-D, queries only) or ``'classification'``
+            (flattened 1-D for queries, keys and values).
+            Defaults to ``'detection_qr'``.
+        dcn (dict, optional): mmcv deformable-conv config for the unary 3x3
+            convolution. Defaults to None.
+        with_cp (bool): Gradient-checkpoint the unary and binary terms.
+            Defaults to False.
+        norm_cfg (dict): Config of every internal norm.
+            Defaults to ``dict(type='BN')``.
+        attn_impl (str): Kernel of the binary term: ``'fused'`` (no
+            ``L x L`` tensor for ``'detection_qr'``; identical outputs,
+            gradients and running statistics) or ``'reference'`` (the spec's
+            direct formulation). Defaults to ``'fused'``.
+        init_cfg (dict | list[dict], optional): MMEngine init config.
+            Without one, :meth:`init_weights` applies the spec's init.
+    """
+
+    def __init__(self,
+                 in_channels,
+                 out_channels,
+                 feat_size,
+                 groups=8,
+                 stride=1,
+                 pe_type='detection_qr',
+                 dcn=None,
+                 with_cp=False,
+                 norm_cfg=dict(type='BN'),
+                 attn_impl='fused',
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        for name, value in (('in_channels', in_channels),
+                            ('out_channels', out_channels), ('groups', groups),
+                            ('stride', stride)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f'LESA {name} must be a positive int, got '
+                                 f'{value!r}')
+        if pe_type not in PE_TYPES:
+            raise ValueError(f'LESA pe_type must be one of {PE_TYPES}, got '
+                             f'{pe_type!r}')
+        if out_channels % (2 * groups) != 0:
+            raise ValueError(
+                f'LESA out_channels must be divisible by 2 * groups = '
+                f'{2 * groups} (half of each head is query/key), got '
+                f'out_channels={out_channels}')
+        if in_channels % groups != 0:
+            raise ValueError(
+                f'LESA in_channels must be divisible by groups = {groups} '
+                f'(grouped unary convolution), got in_channels={in_channels}')
+        if attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(f'LESA attn_impl must be one of '
+                             f'{ATTENTION_IMPLS}, got {attn_impl!r}')
+        if dcn is not None and not isinstance(dcn, dict):
+            raise ValueError(f'LESA dcn must be None or an mmcv conv config '
+                             f'dict, got {dcn!r}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.groups = groups
+        self.stride = stride
+        self.with_cp = with_cp
+
+        self.unary = LESAUnary(in_channels, out_channels, groups, dcn, norm_cfg)
+        self.binary = LESABinary(in_channels, out_channels, groups, feat_size,
+                                 pe_type, norm_cfg, attn_impl)
+        self.fusion = LESAFusion(out_channels, norm_cfg)
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else None
+        if init_cfg is None:
+            self.init_weights()
+
+    @property
+    def pe_type(self):
+        return self.binary.pe_type
+
+    @property
+    def feat_size(self):
+        return self.binary.position.feat_size
+
+    def init_weights(self):
+        """Spec section 4: qkv ~ N(0, 1/Cin), other convs Kaiming normal
+        (fan_out, relu), norms weight 1 / bias 0, position tables per
+        their ``pe_type``, deformable offsets 0."""
+        if self.init_cfg is not None:
+            super().init_weights()
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                kaiming_init(m, mode='fan_out', nonlinearity='relu',
+                             distribution='normal')
+            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+                constant_init(m, 1, bias=0)
+        nn.init.normal_(self.binary.qkv.weight, 0,
+                        math.sqrt(1.0 / self.in_channels))
+        self.binary.position.reset_parameters()
+        offset = getattr(self.unary.conv, 'conv_offset', None)
+        if offset is not None:
+            constant_init(offset, 0)
+
+    def _check_input(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'LESA expects an input of shape (N, {self.in_channels}, H, W), '
+                f'got {tuple(x.shape)}')
+        self.binary.position.check_size(x.shape[2], x.shape[3])
+
+    def _term(self, term, x):
+        if self.with_cp and torch.is_grad_enabled():
+            return cp.checkpoint(
+                term, x, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(),
+                                    _restored_running_stats(term)))
+        return term(x)
+
+    def forward(self, x):
+        self._check_input(x)
+        u = self._term(self.unary, x)
+        b = self._term(self.binary, x)
+        y = self.fusion(u, b)
+        if self.pool is not None:
+            y = self.pool(y)
+        return y
+
+    def extra_repr(self):
+        return (f'in_channels={self.in_channels}, out_channels='
+                f'{self.out_channels}, groups={self.groups}, stride='
+                f'{self.stride}, pe_type={self.pe_type!r}, attn_impl='
+                f'{self.binary.attn_impl!r}, with_cp={self.with_cp}')

@@ -1,0 +1,210 @@
+"""lesa_mm.models.LESA against the naive spec implementation in
+spec_reference.py, on reference-layout weights converted by our converter."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lesa_mm.models import LESA
+from lesa_mm.utils import convert
+from spec_reference import reference_state_dict, spec_lesa
+
+CASES = [
+    # cin, c, groups, pe_type, feat (P), input size, stride
+    (16, 32, 4, 'detection_qr', 6, (6, 6), 1),
+    (16, 32, 4, 'detection_qr', 6, (5, 3), 1),  # smaller: centre of tables
+    (16, 32, 4, 'detection_qr', 6, (6, 6), 2),
+    (16, 32, 4, 'classification', 5, (5, 5), 1),
+    (16, 32, 4, 'classification', 4, (4, 4), 2),
+    (8, 16, 1, 'detection_qr', 4, (4, 4), 1),  # groups=1: no pointwise conv
+]
+
+
+def build_pair(cin, c, groups, pe_type, feat, stride, dcn=False, seed=0,
+               attn_impl='fused'):
+    sd = reference_state_dict(cin, c, groups, pe_type, feat, dcn=dcn, seed=seed)
+    layer = LESA(cin, c, feat, groups=groups, stride=stride, pe_type=pe_type,
+                 dcn=dict(type='DCN', deform_groups=1) if dcn else None,
+                 attn_impl=attn_impl)
+    layer.load_state_dict(convert(sd), strict=True)
+    return sd, layer
+
+
+def grad_leaves(sd):
+    return {
+        k: v.clone().requires_grad_(True)
+        if v.is_floating_point() and 'running_' not in k else v
+        for k, v in sd.items()
+    }
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-5, what=''):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f'{what}: {m}')
+
+
+@pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
+@pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'{c[3]}-{c[5]}-s{c[6]}-g{c[2]}')
+def test_matches_spec_outputs_gradients_and_stats(case, training, attn_impl):
+    cin, c, groups, pe_type, feat, size, stride = case
+    torch.manual_seed(1)
+    sd, layer = build_pair(cin, c, groups, pe_type, feat, stride,
+                           attn_impl=attn_impl)
+    layer.train(training)
+    x = torch.randn(2, cin, *size, dtype=torch.float64)
+    layer.double()
+    sd64 = grad_leaves({k: v.double() if v.is_floating_point() else v
+                        for k, v in sd.items()})
+
+    x_ref = x.clone().requires_grad_(True)
+    y_ref, stats = spec_lesa(x_ref, sd64, groups, pe_type, feat, stride,
+                             training=training)
+    x_mm = x.clone().requires_grad_(True)
+    y_mm = layer(x_mm)
+    assert y_mm.shape == (2, c, size[0] // stride, size[1] // stride)
+    assert_close(y_mm, y_ref, what='output')
+
+    weight = torch.randn_like(y_ref)
+    (y_ref * weight).sum().backward()
+    (y_mm * weight).sum().backward()
+    assert_close(x_mm.grad, x_ref.grad, what='input gradient')
+    converted_grads = convert({k: v.grad for k, v in sd64.items()
+                               if k != 'flatten_index' and v.grad is not None})
+    params = dict(layer.named_parameters())
+    assert set(converted_grads) == set(params)
+    for name, grad in converted_grads.items():
+        assert_close(params[name].grad, grad, what=f'grad of {name}')
+
+    buffers = dict(layer.named_buffers())
+    if training:
+        converted_stats = convert(stats)
+        assert len(converted_stats) == len(
+            [k for k in buffers if 'running_' in k])
+        for name, value in converted_stats.items():
+            assert_close(buffers[name], value, what=name)
+    else:
+        for name, value in convert(
+                {k: v for k, v in sd64.items() if 'running_' in k}).items():
+            assert_close(buffers[name], value, what=name)
+
+
+@pytest.mark.parametrize('pe_type,feat', [('detection_qr', 5),
+                                          ('classification', 5)])
+def test_deformable_unary_matches_spec(pe_type, feat):
+    """The unary term as an mmcv DCN vs torchvision's deform_conv2d."""
+    sd, layer = build_pair(16, 32, 4, pe_type, feat, 1, dcn=True)
+    assert type(layer.unary.conv).__name__ == 'DeformConv2dPack'
+    layer.train()
+    x = torch.randn(2, 16, feat, feat)
+    y_ref, _ = spec_lesa(x, sd, 4, pe_type, feat, training=True)
+    assert_close(layer(x), y_ref, rtol=1e-4, atol=1e-4, what='dcn output')
+
+
+def test_sizes_and_pooling_shapes():
+    layer = LESA(64, 64, feat_size=8, stride=2)
+    assert layer(torch.randn(1, 64, 8, 8)).shape == (1, 64, 4, 4)
+    assert layer(torch.randn(1, 64, 3, 7)).shape == (1, 64, 1, 3)
+
+
+def test_three_named_terms():
+    layer = LESA(32, 32, feat_size=4)
+    assert {n for n, _ in layer.named_children()} >= {'unary', 'binary',
+                                                      'fusion'}
+    x = torch.randn(2, 32, 4, 4)
+    layer.eval()
+    u, b = layer.unary(x), layer.binary(x)
+    torch.testing.assert_close(layer(x), layer.fusion(u, b))
+
+
+def test_gradient_checkpointing_is_exact():
+    """with_cp gives the same outputs, gradients and running statistics
+    (checkpoint recomputation must not update the BN statistics twice)."""
+    torch.manual_seed(0)
+    plain = LESA(32, 32, feat_size=6, groups=4, pe_type='detection_qr')
+    ckpt = copy.deepcopy(plain)
+    ckpt.with_cp = True
+    x = torch.randn(2, 32, 6, 6)
+    outs = []
+    for layer in (plain, ckpt):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.square().sum().backward()
+        outs.append((y, xi.grad, layer))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+    for (n, p), (_, q) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_spec_initialisation():
+    torch.manual_seed(0)
+    layer = LESA(256, 256, feat_size=32, pe_type='detection_qr')
+    w = layer.binary.qkv.weight
+    assert w.std().item() == pytest.approx((1 / 256)**0.5, rel=0.05)
+    assert layer.binary.position.rel_height.std().item() == pytest.approx(
+        (256 / 16)**-0.5, rel=0.1)
+    # Kaiming normal, fan_out, relu: std sqrt(2 / (C * 9))
+    conv = layer.unary.conv.weight
+    assert conv.std().item() == pytest.approx((2 / (256 * 9))**0.5, rel=0.05)
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    cls = LESA(256, 256, feat_size=14, pe_type='classification')
+    assert cls.binary.position.relative.std().item() == pytest.approx(
+        (1 / 32)**0.5, rel=0.05)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(in_channels=32, out_channels=24, feat_size=4), 'out_channels.*24'),
+    (dict(in_channels=30, out_channels=32, feat_size=4), 'in_channels.*30'),
+    (dict(in_channels=32, out_channels=32, feat_size=4, pe_type='axial'),
+     "pe_type.*'axial'"),
+    (dict(in_channels=32, out_channels=32, feat_size=0), 'feat_size.*0'),
+    (dict(in_channels=32, out_channels=32, feat_size=4, groups=0), 'groups.*0'),
+    (dict(in_channels=32, out_channels=32, feat_size=4, stride=0), 'stride.*0'),
+    (dict(in_channels=32, out_channels=32, feat_size=4, attn_impl='flash'),
+     "attn_impl.*'flash'"),
+    (dict(in_channels=32, out_channels=32, feat_size=4,
+          norm_cfg=dict(type='GN', num_groups=4)), "attn_impl='reference'"),
+])
+def test_bad_arguments_raise_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LESA(**kwargs)
+
+
+@pytest.mark.parametrize('pe_type,size,match', [
+    ('classification', (4, 4), 'trained feature size 5x5, got a 4x4'),
+    ('classification', (6, 6), 'trained feature size 5x5, got a 6x6'),
+    ('detection_qr', (6, 5), 'up to 5x5, got a 6x5'),
+])
+def test_unservable_input_sizes_raise(pe_type, size, match):
+    layer = LESA(16, 16, feat_size=5, groups=2, pe_type=pe_type)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(1, 16, *size))
+
+
+def test_wrong_channels_raise():
+    layer = LESA(16, 16, feat_size=5, groups=2)
+    with pytest.raises(ValueError, match=r'\(N, 16, H, W\), got \(1, 8, 5, 5\)'):
+        layer(torch.randn(1, 8, 5, 5))
+
+
+def test_registered_in_root_registry():
+    from mmengine.registry import MODELS
+    layer = MODELS.build(dict(type='LESA', in_channels=16, out_channels=16,
+                              feat_size=4, groups=2))
+    assert isinstance(layer, LESA)
+
+
+def test_syncbn_norm_cfg_reaches_every_norm():
+    layer = LESA(16, 16, feat_size=4, groups=2,
+                 norm_cfg=dict(type='SyncBN'))
+    norms = [m for m in layer.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # BN_qkv, BNsim, BN_out, BN_x, and the two of the fusion
+    assert len(norms) == 6
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
