@@ -1,0 +1,3 @@
+from .lesa_resnet import LESABottleneck, LESAResNet
+
+__all__ = ['LESAResNet', 'LESABottleneck']

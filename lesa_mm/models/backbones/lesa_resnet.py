@@ -1,0 +1,309 @@
+"""LESA-ResNet: a ResNet whose chosen 3x3 convolutions are LESA layers.
+
+One implementation for both task families: :class:`LESAResNet` is registered
+in MMDetection's and MMPretrain's ``MODELS``. Parameter names follow their
+ResNet (``conv1``, ``bn1``, ``layerN.M.conv1..3``, ``bn1..3``,
+``downsample.0/1``), so an ordinary ResNet-50 ImageNet checkpoint loads into
+every non-LESA part.
+"""
+import torch.nn as nn
+from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import constant_init, kaiming_init
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lesa_mm.registry import register_backbone
+from ..layers import LESA
+
+
+class LESABottleneck(BaseModule):
+    """ResNet bottleneck (torchvision "v1.5": stride on the 3x3) whose 3x3
+    convolution may be a LESA layer.
+
+    With ``lesa`` set, ``conv2`` is a :class:`LESA` layer and the block has
+    no ``bn2`` (LESA normalises internally).
+
+    Args:
+        in_channels (int): Input channels.
+        planes (int): Base channels of the stage; the output has
+            ``planes * 4``.
+        width (int): Bottleneck width (``planes`` for ResNet,
+            ``2 * planes`` for WRN).
+        stride (int): Stride of the 3x3 convolution / LESA pooling.
+        downsample (nn.Module, optional): Projection of the identity.
+        conv_cfg (dict, optional): Config of the ordinary convolutions.
+        norm_cfg (dict): Config of the norms.
+        dcn (dict, optional): Deformable-conv config for the 3x3 (and for
+            LESA's unary convolution).
+        lesa (dict, optional): Arguments of :class:`LESA` besides the
+            channels, stride, dcn and norm (``feat_size``, ``groups``,
+            ``pe_type``, ``with_cp``). None keeps the ordinary 3x3 conv.
+        init_cfg (dict, optional): Init config.
+    """
+
+    expansion = 4
+
+    def __init__(self,
+                 in_channels,
+                 planes,
+                 width,
+                 stride=1,
+                 downsample=None,
+                 conv_cfg=None,
+                 norm_cfg=dict(type='BN', requires_grad=True),
+                 dcn=None,
+                 lesa=None,
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        out_channels = planes * self.expansion
+        self.with_lesa = lesa is not None
+        if dcn is not None:
+            dcn = dict(dcn)
+            # mmdet's convention: optionally keep strided 3x3s ordinary.
+            # LESA's unary conv never strides, so it always takes the DCN.
+            if dcn.pop('fallback_on_stride', False) and stride > 1 \
+                    and not self.with_lesa:
+                dcn = None
+        self.conv1 = build_conv_layer(
+            conv_cfg, in_channels, width, 1, bias=False)
+        self.add_module('bn1', build_norm_layer(norm_cfg, width)[1])
+        if self.with_lesa:
+            self.conv2 = LESA(
+                width, width, stride=stride, dcn=dcn, norm_cfg=norm_cfg,
+                **lesa)
+        else:
+            self.conv2 = build_conv_layer(
+                dcn or conv_cfg, width, width, 3,
+                stride=stride, padding=1, bias=False)
+            self.add_module('bn2', build_norm_layer(norm_cfg, width)[1])
+        self.conv3 = build_conv_layer(
+            conv_cfg, width, out_channels, 1, bias=False)
+        self.add_module('bn3', build_norm_layer(norm_cfg, out_channels)[1])
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.conv2(out)
+        if not self.with_lesa:
+            out = self.bn2(out)
+        out = self.relu(out)
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+@register_backbone
+class LESAResNet(BaseModule):
+    """ResNet / Wide-ResNet with LESA layers (arXiv:2107.05637).
+
+    Defaults build the ImageNet LESA-ResNet-50 (output stride 16). The
+    detection backbone uses ``strides=(1, 2, 2, 2)``,
+    ``pe_type='detection_qr'`` and the feature sizes of its input, e.g.
+    ``feat_sizes=(256, 128, 64, 32)`` at 1024x1024.
+
+    Args:
+        depth (int): 50 or 101.
+        in_channels (int): Input image channels. Defaults to 3.
+        stem_channels (int): Stem output channels. Defaults to 64.
+        base_channels (int): ``planes`` of the first stage. Defaults to 64.
+        width_per_group (int): Bottleneck base width: the bottleneck of a
+            stage with ``planes`` has ``planes * width_per_group // 64``
+            channels; 128 gives WRN-50-2. Defaults to 64.
+        strides (Sequence[int]): Stride of each stage.
+            Defaults to ``(1, 2, 2, 1)``.
+        feat_sizes (Sequence[int]): Output feature size of each stage; a
+            LESA layer's position tables are built for its *input* size
+            (``feat_size * stride`` for a strided first block).
+            Defaults to ``(56, 28, 14, 14)`` (224 input, output stride 16).
+        stage_with_lesa (Sequence[bool]): Stages whose 3x3 convs are LESA
+            layers. Defaults to ``(False, False, True, True)``.
+        stage_with_first_conv (Sequence[bool]): In a LESA stage, whether the
+            first block keeps its ordinary 3x3 conv.
+            Defaults to ``(True, True, True, False)``.
+        pe_type (str): LESA position encoding, ``'classification'`` or
+            ``'detection_qr'``. Defaults to ``'classification'``.
+        lesa_groups (int): LESA heads / unary groups. Defaults to 8.
+        attn_impl (str): LESA binary-term kernel, ``'fused'`` or
+            ``'reference'`` (see :class:`LESA`). Defaults to ``'fused'``.
+        out_indices (Sequence[int]): Stages whose outputs are returned.
+            Defaults to ``(3, )``.
+        frozen_stages (int): Stages to freeze (stem included when >= 0);
+            -1 freezes nothing. Defaults to -1.
+        conv_cfg (dict, optional): Config of the ordinary convolutions.
+        norm_cfg (dict): Config of every norm, LESA's included.
+            Defaults to ``dict(type='BN', requires_grad=True)``.
+        norm_eval (bool): Keep the norms in eval mode while training.
+            Defaults to False.
+        dcn (dict, optional): Deformable-conv config, e.g.
+            ``dict(type='DCN', deform_groups=1, fallback_on_stride=False)``,
+            applied to the 3x3 convs and LESA unary convs of the stages in
+            ``stage_with_dcn``. Defaults to None.
+        stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
+            Defaults to ``(False, False, False, False)``.
+        with_cp (bool): Gradient-checkpoint the unary and binary terms of
+            every LESA layer. Defaults to False.
+        zero_init_residual (bool): Zero-init the last norm of each block.
+            The reference models do not. Defaults to False.
+        init_cfg (dict | list[dict], optional): Init config, e.g.
+            ``dict(type='Pretrained', checkpoint=...)``. Without one, the
+            spec's initialisation is applied.
+    """
+
+    arch_settings = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+    def __init__(self,
+                 depth=50,
+                 in_channels=3,
+                 stem_channels=64,
+                 base_channels=64,
+                 width_per_group=64,
+                 strides=(1, 2, 2, 1),
+                 feat_sizes=(56, 28, 14, 14),
+                 stage_with_lesa=(False, False, True, True),
+                 stage_with_first_conv=(True, True, True, False),
+                 pe_type='classification',
+                 lesa_groups=8,
+                 attn_impl='fused',
+                 out_indices=(3, ),
+                 frozen_stages=-1,
+                 conv_cfg=None,
+                 norm_cfg=dict(type='BN', requires_grad=True),
+                 norm_eval=False,
+                 dcn=None,
+                 stage_with_dcn=(False, False, False, False),
+                 with_cp=False,
+                 zero_init_residual=False,
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        if depth not in self.arch_settings:
+            raise ValueError(f'LESAResNet depth must be one of '
+                             f'{tuple(self.arch_settings)}, got {depth!r}')
+        stage_blocks = self.arch_settings[depth]
+        num_stages = len(stage_blocks)
+        for name, value in (('strides', strides), ('feat_sizes', feat_sizes),
+                            ('stage_with_lesa', stage_with_lesa),
+                            ('stage_with_first_conv', stage_with_first_conv),
+                            ('stage_with_dcn', stage_with_dcn)):
+            if len(value) != num_stages:
+                raise ValueError(f'LESAResNet {name} needs one entry per '
+                                 f'stage ({num_stages}), got {value!r}')
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(num_stages)
+                                  for i in out_indices):
+            raise ValueError(f'LESAResNet out_indices must be a non-empty '
+                             f'subset of {tuple(range(num_stages))}, got '
+                             f'{out_indices!r}')
+        if frozen_stages not in range(-1, num_stages + 1):
+            raise ValueError(f'LESAResNet frozen_stages must be in '
+                             f'[-1, {num_stages}], got {frozen_stages!r}')
+        if dcn is not None and not isinstance(dcn, dict):
+            raise ValueError(f'LESAResNet dcn must be None or a config dict, '
+                             f'got {dcn!r}')
+        self.depth = depth
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.zero_init_residual = zero_init_residual
+        self.with_cp = with_cp
+
+        self.conv1 = build_conv_layer(
+            conv_cfg, in_channels, stem_channels, 7, stride=2, padding=3,
+            bias=False)
+        self.add_module('bn1', build_norm_layer(norm_cfg, stem_channels)[1])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        in_ch = stem_channels
+        self.res_layers = []
+        for i, num_blocks in enumerate(stage_blocks):
+            planes = base_channels * 2**i
+            stage_lesa = None
+            if stage_with_lesa[i]:
+                stage_lesa = dict(
+                    groups=lesa_groups, pe_type=pe_type, with_cp=with_cp,
+                    attn_impl=attn_impl)
+            layer = self._make_stage(
+                in_ch, planes, planes * width_per_group // 64, num_blocks,
+                strides[i], feat_sizes[i], stage_lesa,
+                stage_with_first_conv[i],
+                dcn if stage_with_dcn[i] else None, conv_cfg, norm_cfg)
+            in_ch = planes * LESABottleneck.expansion
+            name = f'layer{i + 1}'
+            self.add_module(name, layer)
+            self.res_layers.append(name)
+        self.feat_dim = in_ch
+        self._freeze_stages()
+
+    @staticmethod
+    def _make_stage(in_channels, planes, width, num_blocks, stride, feat_size,
+                    lesa, first_conv, dcn, conv_cfg, norm_cfg):
+        out_channels = planes * LESABottleneck.expansion
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = nn.Sequential(
+                build_conv_layer(conv_cfg, in_channels, out_channels, 1,
+                                 stride=stride, bias=False),
+                build_norm_layer(norm_cfg, out_channels)[1])
+        blocks = []
+        for b in range(num_blocks):
+            block_stride = stride if b == 0 else 1
+            block_lesa = None
+            if lesa is not None and not (b == 0 and first_conv):
+                # a strided LESA layer attends before it pools
+                block_lesa = dict(lesa, feat_size=feat_size * block_stride)
+            blocks.append(
+                LESABottleneck(
+                    in_channels if b == 0 else out_channels, planes, width,
+                    stride=block_stride,
+                    downsample=downsample if b == 0 else None,
+                    conv_cfg=conv_cfg, norm_cfg=norm_cfg, dcn=dcn,
+                    lesa=block_lesa))
+        return nn.Sequential(*blocks)
+
+    def _freeze_stages(self):
+        if self.frozen_stages >= 0:
+            frozen = [self.conv1, self.bn1]
+            frozen += [getattr(self, f'layer{i}')
+                       for i in range(1, self.frozen_stages + 1)]
+            for m in frozen:
+                m.eval()
+                for param in m.parameters():
+                    param.requires_grad = False
+
+    def init_weights(self):
+        if self.init_cfg is not None:
+            super().init_weights()
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                kaiming_init(m, mode='fan_out', nonlinearity='relu',
+                             distribution='normal')
+            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+                constant_init(m, 1, bias=0)
+        for m in self.modules():
+            if isinstance(m, LESA):
+                m.init_weights()
+            elif isinstance(m, LESABottleneck):
+                if hasattr(m.conv2, 'conv_offset'):
+                    constant_init(m.conv2.conv_offset, 0)
+                if self.zero_init_residual:
+                    constant_init(m.bn3, 0)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i, name in enumerate(self.res_layers):
+            x = getattr(self, name)(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self

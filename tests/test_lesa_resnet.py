@@ -1,0 +1,157 @@
+import pytest
+import torch
+import torchvision
+from mmcv.ops import DeformConv2dPack
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lesa_mm.models import LESA, LESAResNet
+
+DET_SMALL = dict(strides=(1, 2, 2, 2), feat_sizes=(16, 8, 4, 2),
+                 pe_type='detection_qr', out_indices=(0, 1, 2, 3))
+
+
+def lesa_blocks(model):
+    return {name[:-len('.conv2')] for name, m in model.named_modules()
+            if isinstance(m, LESA)}
+
+
+def test_reference_lesa_placement():
+    model = LESAResNet(depth=50)
+    # stages 3-4 use LESA; the first block of stage 3 keeps its 3x3 conv
+    expected = {f'layer3.{i}' for i in range(1, 6)} | {
+        f'layer4.{i}' for i in range(3)}
+    assert lesa_blocks(model) == expected
+    sizes = {name: model.get_submodule(name + '.conv2').feat_size
+             for name in expected}
+    assert set(sizes.values()) == {(14, 14)}
+    assert not hasattr(model.layer3[1], 'bn2')
+    assert hasattr(model.layer3[0], 'bn2')
+
+
+def test_classification_output_shape_and_stride():
+    model = LESAResNet(depth=50).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert len(out) == 1 and out[0].shape == (1, 2048, 14, 14)
+
+
+def test_detection_output_shapes_and_strided_lesa():
+    model = LESAResNet(depth=50, **DET_SMALL).eval()
+    # first block of stage 4 is a strided LESA attending at 2 * 2 = 4
+    first = model.layer4[0].conv2
+    assert isinstance(first, LESA) and first.stride == 2
+    assert first.feat_size == (4, 4)
+    assert model.layer4[1].conv2.feat_size == (2, 2)
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 256, 16, 16),
+                                              (2, 512, 8, 8),
+                                              (2, 1024, 4, 4),
+                                              (2, 2048, 2, 2)]
+
+
+def test_detection_train_step_has_gradients_everywhere():
+    model = LESAResNet(depth=50, with_cp=True, **DET_SMALL).train()
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum(o.mean() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(m.with_cp for m in model.modules() if isinstance(m, LESA))
+
+
+@pytest.mark.parametrize('depth,factory,width', [
+    (50, torchvision.models.resnet50, 64),
+    (50, torchvision.models.wide_resnet50_2, 128),
+    (101, torchvision.models.resnet101, 64),
+])
+def test_resnet_checkpoint_loads_into_non_lesa_parts(depth, factory, width):
+    model = LESAResNet(depth=depth, width_per_group=width)
+    tv = factory(weights=None).state_dict()
+    tv = {k: v for k, v in tv.items() if not k.startswith('fc.')}
+    ours = model.state_dict()
+    lesa = lesa_blocks(model)
+    in_lesa = lambda k: any(k.startswith(b + '.conv2.') or  # noqa: E731
+                            k.startswith(b + '.bn2.') or k == b + '.conv2.weight'
+                            for b in lesa)
+    shared = [k for k in tv if k in ours]
+    assert sorted(k for k in tv if k not in ours and not in_lesa(k)) == []
+    assert sorted(k for k in ours if k not in tv and not in_lesa(k)) == []
+    for k in shared:
+        assert ours[k].shape == tv[k].shape, k
+    result = model.load_state_dict({k: tv[k] for k in shared}, strict=False)
+    assert all(in_lesa(k) for k in result.missing_keys)
+    torch.testing.assert_close(model.layer2[0].conv2.weight,
+                               tv['layer2.0.conv2.weight'])
+
+
+def test_wrn_widths():
+    model = LESAResNet(depth=50, width_per_group=128)
+    assert model.layer3[1].conv2.out_channels == 512
+    assert model.layer3[1].conv3.out_channels == 1024
+    assert model.layer1[0].conv1.out_channels == 128
+
+
+def test_dcn_in_plain_convs_and_lesa_unary():
+    model = LESAResNet(
+        depth=50, dcn=dict(type='DCN', deform_groups=1,
+                           fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True), strides=(1, 2, 2, 2),
+        feat_sizes=(32, 16, 8, 4), pe_type='detection_qr',
+        out_indices=(0, 1, 2, 3))
+    assert not isinstance(model.layer1[0].conv2, DeformConv2dPack)
+    assert isinstance(model.layer2[0].conv2, DeformConv2dPack)
+    assert isinstance(model.layer3[0].conv2, DeformConv2dPack)
+    assert isinstance(model.layer3[1].conv2.unary.conv, DeformConv2dPack)
+    assert model.layer3[1].conv2.unary.conv.groups == 8
+    assert isinstance(model.layer4[0].conv2.unary.conv, DeformConv2dPack)
+    model.init_weights()
+    assert torch.all(model.layer3[1].conv2.unary.conv.conv_offset.weight == 0)
+    model.eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 128, 128))
+    assert outs[3].shape == (1, 2048, 4, 4)
+
+
+def test_frozen_stages_and_norm_eval():
+    model = LESAResNet(depth=50, frozen_stages=1, norm_eval=True)
+    model.train()
+    assert not any(p.requires_grad for p in model.conv1.parameters())
+    assert not any(p.requires_grad for p in model.layer1.parameters())
+    assert all(p.requires_grad for p in model.layer2.parameters())
+    assert all(not m.training for m in model.modules()
+               if isinstance(m, _BatchNorm))
+    assert model.layer2.training
+
+
+def test_init_weights_follows_spec():
+    model = LESAResNet(depth=50, zero_init_residual=False)
+    model.init_weights()
+    lesa = model.layer3[1].conv2
+    assert lesa.binary.qkv.weight.std().item() == pytest.approx(
+        (1 / 256)**0.5, rel=0.05)
+    assert torch.all(model.layer1[0].bn3.weight == 1)
+    model = LESAResNet(depth=50, zero_init_residual=True)
+    model.init_weights()
+    assert torch.all(model.layer1[0].bn3.weight == 0)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(depth=34), 'depth.*34'),
+    (dict(strides=(1, 2, 2)), r'strides.*\(1, 2, 2\)'),
+    (dict(feat_sizes=(56, 28)), 'feat_sizes'),
+    (dict(stage_with_lesa=(True, )), 'stage_with_lesa'),
+    (dict(out_indices=(4, )), r'out_indices.*\(4,\)'),
+    (dict(frozen_stages=7), 'frozen_stages.*7'),
+    (dict(pe_type='sinusoidal'), "pe_type.*'sinusoidal'"),
+    (dict(lesa_groups=7), 'divisible'),
+])
+def test_bad_backbone_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LESAResNet(**kwargs)
+
+
+def test_classification_backbone_rejects_other_sizes():
+    model = LESAResNet(depth=50).eval()
+    with pytest.raises(ValueError, match='trained feature size 14x14'):
+        with torch.no_grad():
+            model(torch.randn(1, 3, 192, 192))
