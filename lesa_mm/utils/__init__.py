@@ -1,0 +1,8 @@
+from .config import build_model_from_config
+from .official_checkpoint import (check_against_model, convert,
+                                  extract_state_dict)
+
+__all__ = [
+    'convert', 'extract_state_dict', 'check_against_model',
+    'build_model_from_config'
+]
