@@ -68,6 +68,7 @@ CASES = [
     ('detection_qr', 8, (8, 8), 1, 2),
     ('detection_qr', 11, (7, 11), 1, 3),  # odd, non-square
     ('detection_qr', 12, (7, 11), 1, 1),  # smaller than the tables
+    ('detection_qr', 6, (7, 11), 1, 2),  # larger: interpolated tables
     ('detection_qr', 8, (8, 6), 2, 3),  # strided
     ('classification', 5, (5, 5), 1, 3),
     ('classification', 4, (4, 4), 2, 1),

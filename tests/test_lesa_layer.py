@@ -179,7 +179,6 @@ def test_bad_arguments_raise_value_errors(kwargs, match):
 @pytest.mark.parametrize('pe_type,size,match', [
     ('classification', (4, 4), 'trained feature size 5x5, got a 4x4'),
     ('classification', (6, 6), 'trained feature size 5x5, got a 6x6'),
-    ('detection_qr', (6, 5), 'up to 5x5, got a 6x5'),
 ])
 def test_unservable_input_sizes_raise(pe_type, size, match):
     layer = LESA(16, 16, feat_size=5, groups=2, pe_type=pe_type)
@@ -208,3 +207,27 @@ def test_syncbn_norm_cfg_reaches_every_norm():
     # BN_qkv, BNsim, BN_out, BN_x, and the two of the fusion
     assert len(norms) == 6
     assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+def test_detection_tables_interpolate_for_larger_inputs():
+    """A map larger than the tables reads them linearly interpolated to
+    2 * size - 1 offsets (align_corners=False), checked with numpy."""
+    import numpy as np
+    layer = LESA(16, 16, feat_size=4, groups=2, attn_impl='reference').eval()
+    position = layer.binary.position
+    th, tw = position.tables(6, 3)
+    table = position.rel_height.detach().numpy()  # (7, dq)
+    out_len, in_len = 11, 7
+    coords = np.clip((np.arange(out_len) + 0.5) * in_len / out_len - 0.5, 0,
+                     in_len - 1)
+    expected = np.stack([np.interp(coords, np.arange(in_len), table[:, c])
+                         for c in range(table.shape[1])], axis=1)
+    for r_i in range(6):
+        for r_j in range(6):
+            np.testing.assert_allclose(th[r_i, r_j].detach().numpy(),
+                                       expected[r_j - r_i + 5], rtol=1e-6,
+                                       atol=1e-6)
+    # the width axis (3 <= 4) keeps reading the centre, exactly
+    width_table = position.rel_width.detach()
+    torch.testing.assert_close(tw[0, 2], width_table[2 - 0 + 3])
+    assert layer(torch.randn(1, 16, 6, 3)).shape == (1, 16, 6, 3)

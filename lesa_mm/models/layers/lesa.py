@@ -196,8 +196,9 @@ class LESA(BaseModule):
             ``2 * groups``).
         feat_size (int | tuple[int, int]): Feature-map size, at the layer's
             input, that the relative position tables are built for.
-            ``'classification'`` accepts exactly this size,
-            ``'detection_qr'`` this size or smaller.
+            ``'classification'`` accepts exactly this size;
+            ``'detection_qr'`` any size (the centre of its tables for
+            smaller maps, interpolated tables for larger ones).
         groups (int): Heads of the binary term and groups of the unary
             convolution. Defaults to 8.
         stride (int): If > 1, the fused output is average-pooled with this

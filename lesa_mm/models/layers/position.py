@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.utils import to_2tuple
 
 
@@ -39,8 +40,10 @@ class DecomposedRelPos2d(nn.Module):
     ``S_r[i, j] = q_i . Th[r_j - r_i + P - 1] + q_i . Tw[c_j - c_i + P - 1]``
     for query ``i`` at ``(r_i, c_i)`` and key ``j`` at ``(r_j, c_j)``.
 
-    A map smaller than the trained size ``P`` reads the centre of the tables
-    (the offsets it can produce); a larger map is rejected.
+    A map no larger than the trained size ``P`` reads the centre of the
+    tables (exactly the offsets it can produce). A larger map reads tables
+    linearly interpolated to ``2 * size - 1`` offsets (as ViTDet resizes its
+    relative positions), so inputs of any size are served.
 
     Args:
         feat_size (int | tuple[int, int]): Trained feature size ``P``
@@ -66,28 +69,34 @@ class DecomposedRelPos2d(nn.Module):
             self.rel_width.normal_(0, 1).mul_(scale)
 
     def check_size(self, height: int, width: int):
-        ph, pw = self.feat_size
-        if height > ph or width > pw:
-            raise ValueError(
-                f"LESA 'detection_qr' position tables were built for feature "
-                f'maps up to {ph}x{pw}, got a {height}x{width} input; allowed '
-                f'are sizes up to {ph}x{pw} (build the layer with a larger '
-                f'feat_size for larger inputs)')
+        """Every size is served (larger ones by interpolation)."""
+
+    @staticmethod
+    def axis_table(table: torch.Tensor, size: int) -> torch.Tensor:
+        """Table rows for offsets ``-(size-1) .. size-1`` along one axis:
+        the centre of ``table`` if it has enough rows, else ``table``
+        linearly interpolated to ``2 * size - 1`` rows."""
+        trained = (table.shape[0] + 1) // 2
+        if size <= trained:
+            return table[trained - size:trained + size - 1]
+        resized = F.interpolate(
+            table.t().unsqueeze(0), size=2 * size - 1, mode='linear',
+            align_corners=False)
+        return resized.squeeze(0).t()
 
     def tables(self, height: int, width: int):
         """Per-query-row and per-query-column tables.
 
         Returns:
             tuple[Tensor, Tensor]: ``Th`` gathered to ``(H, H, dq)`` with
-            ``[r_i, r_j] -> Th[r_j - r_i + P - 1]`` and ``Tw`` gathered to
-            ``(W, W, dq)`` likewise.
+            ``[r_i, r_j] -> Th[r_j - r_i]`` (offset ``r_j - r_i``) and ``Tw``
+            gathered to ``(W, W, dq)`` likewise.
         """
-        self.check_size(height, width)
-        ph, pw = self.feat_size
-        dev = self.rel_height.device
-        th = self.rel_height[relative_index(height, height, ph - 1, dev)]
-        tw = self.rel_width[relative_index(width, width, pw - 1, dev)]
-        return th, tw
+        th = self.axis_table(self.rel_height, height)
+        tw = self.axis_table(self.rel_width, width)
+        dev = th.device
+        return (th[relative_index(height, height, height - 1, dev)],
+                tw[relative_index(width, width, width - 1, dev)])
 
     def axis_logits(self, q: torch.Tensor, height: int, width: int):
         """Row and column logits of every query.
