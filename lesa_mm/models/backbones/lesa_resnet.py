@@ -272,9 +272,26 @@ class LESAResNet(BaseModule):
                     param.requires_grad = False
 
     def init_weights(self):
+        """The spec's initialisation; with ``init_cfg=dict(type=
+        'Pretrained', checkpoint=...)`` the checkpoint is then loaded through
+        :func:`lesa_mm.utils.transfer.load_pretrained_backbone`, which adapts
+        ImageNet (``'classification'``) weights to other position encodings
+        and reports what it re-initialised."""
+        pretrained = None
         if self.init_cfg is not None:
-            super().init_weights()
-            return
+            if not isinstance(self.init_cfg, dict) or \
+                    self.init_cfg.get('type') != 'Pretrained':
+                super().init_weights()
+                return
+            pretrained = self.init_cfg
+        self._init_from_spec()
+        if pretrained is not None:
+            from lesa_mm.utils.transfer import load_pretrained_backbone
+            load_pretrained_backbone(
+                self, pretrained['checkpoint'],
+                prefix=pretrained.get('prefix', 'backbone.'))
+
+    def _init_from_spec(self):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 kaiming_init(m, mode='fan_out', nonlinearity='relu',

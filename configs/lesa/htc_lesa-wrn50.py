@@ -1,0 +1,77 @@
+# HTC (with the semantic branch) on a LESA-WRN-50 backbone: the reference
+# COCO recipe of LESA (arXiv:2107.05637). 1280x1280 fixed-size inputs, DCN in
+# stages 2-4 (LESA's unary conv included), 4 GPUs x 1 image, 20 epochs.
+#
+#   tools/dist_train.sh configs/lesa/htc_lesa-wrn50.py 4
+#
+# Needs COCO-stuff maps in data/coco/stuffthingmaps/ for the semantic branch.
+# The backbone starts from a LESA-WRN-50 ImageNet checkpoint (see
+# mask-rcnn_lesa-r50.py for how to make or convert one).
+_base_ = [
+    'mmdet::htc/htc_r50_fpn_20e_coco.py',
+]
+
+custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
+
+image_size = (1280, 1280)
+imagenet_checkpoint = 'checkpoints/lesa-wrn50_in1k.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='LESAResNet',
+        depth=50,
+        width_per_group=128,
+        strides=(1, 2, 2, 2),
+        # stage output sizes at 1280x1280 (strides 4, 8, 16, 32)
+        feat_sizes=(320, 160, 80, 40),
+        stage_with_lesa=(False, False, True, True),
+        stage_with_first_conv=(True, True, True, False),
+        pe_type='detection_qr',
+        lesa_groups=8,
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=True,
+        dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True),
+        with_cp=True,
+        init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
+
+backend_args = None
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(
+        type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=True),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(
+        type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                   'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=1, num_workers=2, dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+optim_wrapper = dict(
+    optimizer=dict(type='SGD', lr=0.005, momentum=0.9, weight_decay=1e-4))
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
+         end=500),
+    dict(type='MultiStepLR', begin=0, end=20, by_epoch=True,
+         milestones=[16, 19], gamma=0.1),
+]
+train_cfg = dict(max_epochs=20)
+
+# 4 GPUs x 1 image
+auto_scale_lr = dict(enable=False, base_batch_size=4)

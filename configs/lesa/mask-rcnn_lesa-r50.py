@@ -1,0 +1,81 @@
+# Mask R-CNN + FPN with a LESA-ResNet-50 backbone: the reference COCO recipe
+# of LESA (arXiv:2107.05637). 1024x1024 fixed-size inputs, DCN in stages 2-4
+# (LESA's unary conv included), gradient checkpointing of the LESA terms,
+# 8 GPUs x 1 image, 20 epochs.
+#
+#   tools/dist_train.sh configs/lesa/mask-rcnn_lesa-r50.py 8
+#
+# The backbone starts from a LESA-ResNet-50 ImageNet checkpoint (trained with
+# configs/lesa/lesa-resnet50_4xb32_in1k.py, or converted from the authors'
+# checkpoint with tools/model_converters/lesa_official_to_mm.py). Its
+# classification position tables are re-initialised for 'detection_qr'; see
+# lesa_mm/utils/transfer.py. Point elsewhere with
+#   --cfg-options model.backbone.init_cfg.checkpoint=PATH
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_20e.py',
+    'mmdet::_base_/default_runtime.py',
+]
+
+custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
+
+image_size = (1024, 1024)
+imagenet_checkpoint = 'checkpoints/lesa-resnet50_in1k.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='LESAResNet',
+        depth=50,
+        strides=(1, 2, 2, 2),
+        # stage output sizes at 1024x1024 (strides 4, 8, 16, 32)
+        feat_sizes=(256, 128, 64, 32),
+        stage_with_lesa=(False, False, True, True),
+        stage_with_first_conv=(True, True, True, False),
+        pe_type='detection_qr',
+        lesa_groups=8,
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=True,
+        dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True),
+        with_cp=True,
+        init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
+
+backend_args = None
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                   'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=1, num_workers=2, dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+optim_wrapper = dict(
+    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
+         end=500),
+    dict(type='MultiStepLR', begin=0, end=20, by_epoch=True,
+         milestones=[16, 19], gamma=0.1),
+]
+train_cfg = dict(max_epochs=20)
+
+# 8 GPUs x 1 image
+auto_scale_lr = dict(enable=False, base_batch_size=8)

@@ -1,0 +1,176 @@
+"""Detection configs: builds, one training iteration and one inference pass
+at a small input (feature sizes matched), ImageNet-to-COCO transfer."""
+import glob
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import REPO_ROOT
+from lesa_mm.models import LESA, LESAResNet
+from lesa_mm.utils import build_model_from_config
+from lesa_mm.utils.launch import load_config
+from lesa_mm.utils.transfer import transfer_state_dict
+
+ALL_CONFIGS = sorted(
+    glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'),
+              recursive=True))
+DET_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
+               'configs/lesa/htc_lesa-wrn50.py']
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS,
+                         ids=lambda p: os.path.relpath(p, REPO_ROOT))
+def test_every_shipped_config_builds(path):
+    model = build_model_from_config(path)
+    assert isinstance(model.backbone, LESAResNet)
+
+
+def test_mask_rcnn_reference_recipe():
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, DET_CONFIGS[0]))
+    bb = cfg.model.backbone
+    assert bb.strides == (1, 2, 2, 2) and bb.pe_type == 'detection_qr'
+    assert bb.feat_sizes == (256, 128, 64, 32) and bb.with_cp
+    assert bb.stage_with_dcn == (False, True, True, True)
+    assert bb.dcn.deform_groups == 1
+    assert bb.init_cfg.type == 'Pretrained'
+    resize = cfg.train_dataloader.dataset.pipeline[2]
+    assert resize.scale == (1024, 1024) and resize.keep_ratio is False
+    assert cfg.model.data_preprocessor.pad_size_divisor == 32
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.01, 0.9, 1e-4)
+    assert cfg.train_dataloader.batch_size == 1
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.end, warmup.start_factor) == (500, 0.001)
+    assert steps.milestones == [16, 19] and cfg.train_cfg.max_epochs == 20
+    assert cfg.auto_scale_lr.base_batch_size == 8
+    assert cfg.val_evaluator.metric == ['bbox', 'segm']
+    model = build_model_from_config(cfg)
+    lesa = model.backbone.layer4[0].conv2
+    assert isinstance(lesa, LESA) and lesa.feat_size == (64, 64)
+    assert type(lesa.unary.conv).__name__ == 'DeformConv2dPack'
+
+
+def small_detector(path, size=128):
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, path))
+    cfg.model.backbone.feat_sizes = tuple(size // s for s in (4, 8, 16, 32))
+    cfg.model.backbone.init_cfg = None
+    return build_model_from_config(cfg)
+
+
+@pytest.mark.parametrize('path', DET_CONFIGS)
+def test_detector_train_iteration_and_inference(path):
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    model = small_detector(path)
+    htc = 'htc' in path
+    data = demo_mm_inputs(2, image_shapes=(3, 128, 128), num_items=[2, 3],
+                          num_classes=80, with_mask=True, with_semantic=htc)
+    model.train()
+    batch = model.data_preprocessor(data, True)
+    losses = model(**batch, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss)
+    loss.backward()
+    lesa_grad = model.backbone.layer3[1].conv2.binary.qkv.weight.grad
+    assert lesa_grad is not None and lesa_grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        results = model(**model.data_preprocessor(data, False),
+                        mode='predict')
+    assert len(results) == 2
+    assert results[0].pred_instances.bboxes.shape[-1] == 4
+
+
+def classification_checkpoint(tmp_path, width=16):
+    """An MMPretrain-style checkpoint of a slim classification LESA-ResNet."""
+    torch.manual_seed(1)
+    backbone = LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                          feat_sizes=(16, 8, 4, 4))
+    for m in backbone.modules():  # non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.weight.data.uniform_(0.5, 1.5)
+    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+    state['head.fc.weight'] = torch.randn(3, width * 32)
+    state['head.fc.bias'] = torch.randn(3)
+    path = tmp_path / 'cls.pth'
+    torch.save({'state_dict': state, 'meta': {}}, path)
+    return backbone, str(path)
+
+
+def detection_backbone(width=16, **kwargs):
+    return LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                      strides=(1, 2, 2, 2), feat_sizes=(32, 16, 8, 4),
+                      pe_type='detection_qr', out_indices=(0, 1, 2, 3),
+                      dcn=dict(type='DCN', deform_groups=1),
+                      stage_with_dcn=(False, True, True, True), **kwargs)
+
+
+def test_imagenet_to_coco_transfer(tmp_path):
+    source, path = classification_checkpoint(tmp_path)
+    det = detection_backbone(
+        init_cfg=dict(type='Pretrained', checkpoint=path))
+    torch.manual_seed(5)
+    det.init_weights()
+    src = source.state_dict()
+    dst = det.state_dict()
+    # ordinary weights are carried over
+    torch.testing.assert_close(dst['layer1.0.conv2.weight'],
+                               src['layer1.0.conv2.weight'])
+    torch.testing.assert_close(dst['layer3.1.conv2.unary.conv.weight'],
+                               src['layer3.1.conv2.unary.conv.weight'])
+    key = 'layer4.1.conv2.binary'
+    groups = 8
+    # content-logit norm kept, position-logit norm re-initialised
+    torch.testing.assert_close(dst[f'{key}.logit_norm.running_mean'][:groups],
+                               src[f'{key}.logit_norm.running_mean'][:groups])
+    assert torch.all(dst[f'{key}.logit_norm.running_mean'][groups:] == 0)
+    assert torch.all(dst[f'{key}.logit_norm.weight'][groups:] == 1)
+    # value channels of the interleaved output norm
+    torch.testing.assert_close(dst[f'{key}.out_norm.weight'],
+                               src[f'{key}.out_norm.weight'][0::2])
+    # 2-D tables freshly initialised, offsets zero
+    assert dst[f'{key}.position.rel_height'].std() > 0
+    assert torch.all(dst['layer2.0.conv2.conv_offset.weight'] == 0)
+
+
+def test_transfer_report_and_errors(tmp_path):
+    source, path = classification_checkpoint(tmp_path)
+    target = detection_backbone()
+    _, report = transfer_state_dict(torch.load(path), target)
+    text = '\n'.join(report)
+    assert 'dropped 2 keys outside the backbone' in text
+    assert 're-initialised the position tables of 8 LESA layers' in text
+    assert 'position-logit norm of 8 LESA layers' in text
+    assert 'even channels' in text
+    assert 'zero-initialised' in text
+    # anything else that does not fit is an error naming the key
+    bad = torch.load(path)
+    bad['state_dict']['backbone.layer2.0.conv1.weight'] = torch.zeros(3, 3)
+    del bad['state_dict']['backbone.layer1.1.bn2.bias']
+    with pytest.raises(ValueError, match=r'layer1\.1\.bn2\.bias: missing.*'
+                       r'layer2\.0\.conv1\.weight: checkpoint \(3, 3\)'):
+        transfer_state_dict(bad, target)
+
+
+def test_missing_pretrained_checkpoint_is_named():
+    det = detection_backbone(
+        init_cfg=dict(type='Pretrained', checkpoint='nowhere/lesa.pth'))
+    with pytest.raises(FileNotFoundError, match='nowhere/lesa.pth'):
+        det.init_weights()
+
+
+def test_missing_coco_names_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError,
+                       match=r'(?s)instances_train2017\.json.*train2017/'):
+        load_config(os.path.join(REPO_ROOT, DET_CONFIGS[0]),
+                    {'train_dataloader.dataset.data_root': str(tmp_path)})
+
+
+def test_missing_imagenet_names_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'(?s)imagenet.*train/n0'):
+        load_config(
+            os.path.join(REPO_ROOT, 'configs/lesa/lesa-resnet50_4xb32_in1k.py'),
+            {'train_dataloader.dataset.data_root': str(tmp_path)})
