@@ -4,3 +4,7 @@ LESA-ResNet backbones (``custom_imports=dict(imports=['lesa_mm'])``)."""
 __version__ = '0.1.0'
 
 from . import models  # noqa: F401,E402  (registers everything)
+from .utils.safe_load import allow_mmengine_checkpoints  # noqa: E402
+
+# MMEngine training checkpoints load with torch's weights_only=True default
+allow_mmengine_checkpoints()
