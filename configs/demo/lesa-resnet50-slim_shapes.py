@@ -30,7 +30,9 @@ model = dict(
         stage_with_first_conv=(True, True, True, False),
         pe_type='classification',
         lesa_groups=8,
-        out_indices=(3, )),
+        out_indices=(3, ),
+        # residual blocks start as identities: trains faster from scratch
+        zero_init_residual=True),
     head=dict(num_classes=len(classes), in_channels=width * 32, topk=(1, )))
 
 data_preprocessor = dict(
@@ -78,7 +80,7 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters,
 val_cfg = dict()
 test_cfg = dict()
 optim_wrapper = dict(
-    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=1e-4))
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=30),

@@ -95,7 +95,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-max_iters = 1200
+max_iters = 800
 train_cfg = dict(
     type='IterBasedTrainLoop', max_iters=max_iters,
     val_interval=max_iters)
@@ -115,7 +115,7 @@ param_scheduler = [
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=300,
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=200,
                     max_keep_ckpts=2),
     visualization=dict(type='DetVisualizationHook', draw=False))
 log_processor = dict(by_epoch=False, window_size=20)
