@@ -17,7 +17,8 @@ ALL_CONFIGS = sorted(
     glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'),
               recursive=True))
 DET_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
-               'configs/lesa/htc_lesa-wrn50.py']
+               'configs/lesa/htc_lesa-wrn50.py',
+               'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py']
 
 
 @pytest.mark.parametrize('path', ALL_CONFIGS,
@@ -52,6 +53,14 @@ def test_mask_rcnn_reference_recipe():
     assert type(lesa.unary.conv).__name__ == 'DeformConv2dPack'
 
 
+def test_keep_ratio_recipe():
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, DET_CONFIGS[2]))
+    resize = cfg.train_dataloader.dataset.pipeline[2]
+    assert resize.scale == (1333, 800) and resize.keep_ratio is True
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.optim_wrapper.optimizer.lr == 0.02
+
+
 def small_detector(path, size=128):
     cfg = Config.fromfile(os.path.join(REPO_ROOT, path))
     cfg.model.backbone.feat_sizes = tuple(size // s for s in (4, 8, 16, 32))
@@ -65,7 +74,9 @@ def test_detector_train_iteration_and_inference(path):
     torch.manual_seed(0)
     model = small_detector(path)
     htc = 'htc' in path
-    data = demo_mm_inputs(2, image_shapes=(3, 128, 128), num_items=[2, 3],
+    # keep-ratio inputs are not square
+    shape = (3, 96, 128) if 'keep-ratio' in path else (3, 128, 128)
+    data = demo_mm_inputs(2, image_shapes=shape, num_items=[2, 3],
                           num_classes=80, with_mask=True, with_semantic=htc)
     model.train()
     batch = model.data_preprocessor(data, True)

@@ -231,3 +231,34 @@ def test_detection_tables_interpolate_for_larger_inputs():
     width_table = position.rel_width.detach()
     torch.testing.assert_close(tw[0, 2], width_table[2 - 0 + 3])
     assert layer(torch.randn(1, 16, 6, 3)).shape == (1, 16, 6, 3)
+
+
+@pytest.mark.parametrize('pe_type,size', [('detection_qr', (5, 4)),
+                                          ('classification', (5, 5))])
+def test_attention_maps_are_rows_of_the_reference_attention(pe_type, size):
+    """attention_maps() equals the rows of the spec's softmax(Z) in eval."""
+    cin, c, groups, feat = 16, 32, 4, 5
+    sd = reference_state_dict(cin, c, groups, pe_type, feat)
+    layer = LESA(cin, c, feat, groups=groups, pe_type=pe_type).eval()
+    layer.load_state_dict(convert(sd))
+    x = torch.randn(2, cin, *size)
+    captured = {}
+    original = torch.softmax
+
+    def spy(z, dim):
+        captured['attn'] = original(z, dim=dim)
+        return captured['attn']
+
+    import spec_reference
+    spec_reference.torch.softmax = spy
+    try:
+        spec_lesa(x, sd, groups, pe_type, feat)
+    finally:
+        spec_reference.torch.softmax = original
+    queries = [0, 7, size[0] * size[1] - 1]
+    maps = layer.binary.attention_maps(x, queries)
+    assert maps.shape == (2, groups, 3, *size)
+    expected = captured['attn'][:, :, queries].reshape(2, groups, 3, *size)
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r'query indices must lie in \[0, '):
+        layer.binary.attention_maps(x, [size[0] * size[1]])

@@ -63,6 +63,13 @@ pip install -q "$mmcv_wheel" \
   "torch===$TORCH_VERSION" "torchvision===$TORCHVISION_VERSION" \
   "numpy<2" "opencv-python<4.12" pycocotools pytest
 pip install -q --no-deps --no-build-isolation -e .
+# MMEngine resolves `with read_base(): from lesa_mm.configs... import *` by
+# looking for site-packages/lesa_mm, which a PEP 660 editable install does
+# not create: point it at the repository's package.
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site/lesa_mm" ]; then
+  ln -s "$repo/lesa_mm" "$site/lesa_mm"
+fi
 
 "$py" - <<'PY'
 import mmcv, mmdet, mmengine, mmpretrain, torch, torchvision

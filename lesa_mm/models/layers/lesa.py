@@ -125,6 +125,42 @@ class LESABinary(nn.Module):
         d = self.head_channels
         return t.split([d, d, self.value_channels], dim=2)
 
+    @torch.no_grad()
+    def attention_maps(self, x, queries):
+        """Attention of chosen query positions over all keys, for
+        visualisation: ``softmax_j`` of the normalised logits, with the
+        norms' running statistics (the layer's eval-mode attention).
+
+        Args:
+            x (Tensor): Layer input ``(N, Cin, H, W)``.
+            queries (Sequence[int]): Flat (raster) indices ``r * W + c``.
+
+        Returns:
+            Tensor: ``(N, g, len(queries), H, W)``, each map summing to 1.
+        """
+        n, _, h, w = x.shape
+        self.position.check_size(h, w)
+        index = torch.as_tensor(queries, device=x.device, dtype=torch.long)
+        if index.numel() == 0 or index.min() < 0 or index.max() >= h * w:
+            raise ValueError(f'query indices must lie in [0, {h * w}) for a '
+                             f'{h}x{w} map, got {list(queries)}')
+        q, k, _ = self.split_heads(x)
+        norm = self.logit_norm
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        scale = scale.view(-1, self.groups, 1, 1)  # (terms, g, 1, 1)
+        logits = scale[0] * torch.einsum('ngcq,ngcj->ngqj', q[..., index], k)
+        if self.pe_type == 'detection_qr':
+            row, col = self.position.axis_logits(q, h, w)
+            pos = row[:, :, index, :, None] + col[:, :, index, None, :]
+            logits = logits + scale[1] * pos.flatten(-2)
+        else:
+            eq, ek, _ = self.position.tables(h, w)
+            s_qr = torch.einsum('ngcq,cqj->ngqj', q[..., index],
+                                eq[:, index])
+            s_kr = torch.einsum('ngcj,cjq->ngqj', k, ek[:, :, index])
+            logits = logits + scale[1] * s_qr + scale[2] * s_kr
+        return logits.softmax(dim=-1).view(n, self.groups, -1, h, w)
+
     def forward(self, x):
         n, _, h, w = x.shape
         self.position.check_size(h, w)

@@ -1,0 +1,25 @@
+"""Loading a shipped classic config as plain data for pure-Python configs.
+
+MMEngine parses pure-Python configs lazily (imports become lazy objects), so
+the entry modules call :func:`load` through ``__import__``.
+"""
+import os.path as osp
+
+CLASSIC_ROOT = osp.join(osp.dirname(osp.abspath(__file__)), 'classic')
+
+
+def config_path(name):
+    """Absolute path of a shipped classic config, e.g.
+    ``config_path('lesa/mask-rcnn_lesa-r50.py')``."""
+    path = osp.join(CLASSIC_ROOT, name)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'no shipped config {name!r} under '
+                                f'{CLASSIC_ROOT}')
+    return path
+
+
+def load(name):
+    """The settings of a shipped classic config as a plain dict (importing
+    its ``custom_imports``, i.e. registering lesa_mm)."""
+    from mmengine.config import Config
+    return Config.fromfile(config_path(name)).to_dict()
