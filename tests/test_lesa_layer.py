@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lesa_mm.models import LESA
 from lesa_mm.utils import convert

@@ -4,32 +4,20 @@ configs alike; the config's ``default_scope`` decides).
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
 """
-import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from lesa_mm.utils.launch import (build_runner, load_config,  # noqa: E402
+from lesa_mm.utils.launch import (base_parser, build_runner,  # noqa: E402
+                                  load_config, parse_tool_args,
                                   setup_cpu_distributed)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test a LESA model')
-    parser.add_argument('config', help='test config file path')
+    parser = base_parser('Test a LESA model')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='where to save the evaluation')
-    parser.add_argument(
-        '--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
-        help='override config settings')
-    parser.add_argument(
-        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):

@@ -10,21 +10,18 @@ which registries build it.
 Multi-GPU / multi-node: ``tools/dist_train.sh CONFIG GPUS``. On a machine
 without CUDA, distributed runs use the gloo backend on the CPU.
 """
-import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from lesa_mm.utils.launch import (build_runner, load_config,  # noqa: E402
+from lesa_mm.utils.launch import (base_parser, build_runner,  # noqa: E402
+                                  load_config, parse_tool_args,
                                   setup_cpu_distributed)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a LESA model')
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='where to save logs and models')
+    parser = base_parser('Train a LESA model')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CKPT, or from the latest checkpoint in the work '
@@ -33,16 +30,7 @@ def parse_args(argv=None):
                         help='automatic mixed precision training')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the actual total batch size')
-    parser.add_argument(
-        '--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
-        help='override config settings, e.g. train_cfg.max_epochs=1')
-    parser.add_argument(
-        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):

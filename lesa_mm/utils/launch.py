@@ -21,6 +21,29 @@ DATA_LAYOUTS = {
 }
 
 
+def base_parser(description):
+    """Arguments shared by tools/train.py and tools/test.py."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('--work-dir', help='where to save logs and results')
+    parser.add_argument(
+        '--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
+        help='override config settings, e.g. train_cfg.max_epochs=1')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def parse_tool_args(parser, argv=None):
+    """Parse, and make LOCAL_RANK visible as torch.distributed expects."""
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
 def _parse_cfg_options(options):
     """``['a.b=1', 'c=[1,2]']`` -> dict, parsed as MMEngine's DictAction."""
     if not options:

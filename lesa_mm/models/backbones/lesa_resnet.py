@@ -9,11 +9,12 @@ every non-LESA part.
 import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import constant_init, kaiming_init
+from mmengine.model.weight_init import constant_init
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import register_backbone
 from ..layers import LESA
+from ..layers.lesa import init_convs_and_norms
 
 
 class LESABottleneck(BaseModule):
@@ -292,12 +293,7 @@ class LESAResNet(BaseModule):
                 prefix=pretrained.get('prefix', 'backbone.'))
 
     def _init_from_spec(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming_init(m, mode='fan_out', nonlinearity='relu',
-                             distribution='normal')
-            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-                constant_init(m, 1, bias=0)
+        init_convs_and_norms(self)
         for m in self.modules():
             if isinstance(m, LESA):
                 m.init_weights()

@@ -203,6 +203,17 @@ class LESAFusion(nn.Module):
         return u + self.gate(u, b) * b
 
 
+def init_convs_and_norms(module):
+    """Kaiming-normal (fan_out, relu) convolutions and unit/zero norms in
+    ``module``, as a ResNet initialises them (spec section 4)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            kaiming_init(m, mode='fan_out', nonlinearity='relu',
+                         distribution='normal')
+        elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+            constant_init(m, 1, bias=0)
+
+
 @contextlib.contextmanager
 def _restored_running_stats(module):
     """Undo the running-statistic updates made inside the block (used while
@@ -324,12 +335,7 @@ class LESA(BaseModule):
         if self.init_cfg is not None:
             super().init_weights()
             return
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming_init(m, mode='fan_out', nonlinearity='relu',
-                             distribution='normal')
-            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-                constant_init(m, 1, bias=0)
+        init_convs_and_norms(self)
         nn.init.normal_(self.binary.qkv.weight, 0,
                         math.sqrt(1.0 / self.in_channels))
         self.binary.position.reset_parameters()
