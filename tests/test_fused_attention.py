@@ -129,11 +129,12 @@ def test_fused_in_a_backbone_with_checkpointing():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_autocast_outputs_and_gradients(dtype):
-    """Autocast at a detection-like scale: finite, close to float32."""
-    fused, reference = fused_and_reference(64, 64, 8, 'detection_qr', 24)
+    """Autocast at a detection scale (C=256, 8 heads, a 32x32 map):
+    finite outputs and gradients, close to float32."""
+    fused, reference = fused_and_reference(256, 256, 8, 'detection_qr', 32)
     fused.train()
     reference.train()
-    x = torch.randn(2, 64, 24, 24)
+    x = torch.randn(2, 256, 32, 32)
     y32 = reference(x)
     x_in = x.clone().requires_grad_(True)
     with torch.autocast('cpu', dtype=dtype):
