@@ -122,3 +122,13 @@ log_processor = dict(by_epoch=False, window_size=20)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0)
 auto_scale_lr = dict(enable=False, base_batch_size=4)
+
+# TensorBoard scalars too (WORK_DIR/<timestamp>/vis_data/events.*) when the
+# `tensorboard` package is installed; without it this backend writes nothing
+# (one warning). After training, PlotCurvesHook draws WORK_DIR/curves.png
+# (as tools/analysis_tools/plot_curves.py does). Both come from lesa_mm.
+visualizer = dict(vis_backends=[
+    dict(type='LocalVisBackend'),
+    dict(type='OptionalTensorboardVisBackend'),
+])
+custom_hooks = [dict(type='PlotCurvesHook')]

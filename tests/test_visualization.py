@@ -1,0 +1,297 @@
+"""Visualisation tools on randomly initialised demo models (fast):
+tools/visualize_lesa.py, demo/image_demo.py,
+tools/analysis_tools/plot_curves.py, and the optional TensorBoard backend /
+curves hook of lesa_mm.utils.vis_backends."""
+import importlib.util
+import json
+import os
+import types
+
+import mmcv
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from PIL import Image
+
+from conftest import REPO_ROOT
+from lesa_mm.utils import build_model_from_config
+
+DEMO_DET = os.path.join(REPO_ROOT,
+                        'configs/demo/mask-rcnn_lesa-r50-slim_shapes.py')
+DEMO_CLS = os.path.join(REPO_ROOT, 'configs/demo/lesa-resnet50-slim_shapes.py')
+
+
+def load_tool(relpath):
+    path = os.path.join(REPO_ROOT, relpath)
+    name = 'tool_' + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def vis_tool():
+    return load_tool('tools/visualize_lesa.py')
+
+
+@pytest.fixture(scope='module')
+def det_cfg():
+    return Config.fromfile(DEMO_DET)
+
+
+@pytest.fixture(scope='module')
+def cls_cfg():
+    return Config.fromfile(DEMO_CLS)
+
+
+def random_checkpoint(cfg, path):
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg)
+    torch.save({'state_dict': model.state_dict()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def det_ckpt(det_cfg, tmp_path_factory):
+    return random_checkpoint(det_cfg,
+                             tmp_path_factory.mktemp('det') / 'det.pth')
+
+
+@pytest.fixture(scope='module')
+def cls_ckpt(cls_cfg, tmp_path_factory):
+    return random_checkpoint(cls_cfg,
+                             tmp_path_factory.mktemp('cls') / 'cls.pth')
+
+
+def write_image(path, height, width, seed=0):
+    """Noise with a bright square, BGR uint8."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
+    image[height // 4:height // 2, width // 4:width // 2] = (40, 200, 220)
+    mmcv.imwrite(image, str(path))
+    return str(path)
+
+
+def check_png(path, size):
+    """A real PNG of ``size`` (w, h) pixels with more than a few colours."""
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+        assert image.size == size
+        pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50
+
+
+def figure_size(tool, rows, dpi=100):
+    return (int(tool.COLUMNS * tool.PANEL_INCHES * dpi),
+            int((rows * tool.PANEL_INCHES + tool.TITLE_INCHES) * dpi))
+
+
+# ----------------------------------------------------------------------------
+# tools/visualize_lesa.py
+# ----------------------------------------------------------------------------
+def test_visualize_classification(vis_tool, cls_ckpt, tmp_path):
+    image = write_image(tmp_path / 'img.png', 64, 64)
+    out = str(tmp_path / 'cls.png')
+    info = vis_tool.main([DEMO_CLS, cls_ckpt, image, '--out', out,
+                          '--points', '10,12', '40.5,50'])
+    # 'classification' encodings: the trained 4x4 grid at 64x64 inputs,
+    # default layer: the last stride-1 LESA layer
+    assert info['layer'] == 'backbone.layer4.2.conv2'
+    assert info['input_size'] == (64, 64) and info['grid'] == (4, 4)
+    assert info['cells'] == [(0, 0), (3, 2)]
+    check_png(out, figure_size(vis_tool, rows=2))
+
+
+def test_visualize_classification_needs_its_trained_size(
+        vis_tool, cls_cfg, cls_ckpt, tmp_path):
+    # any image is resized to the trained size ...
+    image = write_image(tmp_path / 'img.png', 50, 90)
+    info = vis_tool.visualize(cls_cfg, cls_ckpt, image,
+                              str(tmp_path / 'a.png'),
+                              layer='layer3.1.conv2', points=[(80, 40)])
+    assert info['layer'] == 'backbone.layer3.1.conv2'
+    assert info['input_size'] == (64, 64) and info['cells'] == [(3, 3)]
+    # ... and another size is refused with the size it needs
+    with pytest.raises(ValueError, match='must be 64x64'):
+        vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'b.png'),
+                           size=(96, 96))
+
+
+def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,
+                                      tmp_path):
+    image = write_image(tmp_path / 'img.png', 100, 140)
+    out = str(tmp_path / 'det.png')
+    info = vis_tool.main([DEMO_DET, det_ckpt, image, '--out', out])
+    # the config's fixed 128x128 Resize; three default points
+    assert info['input_size'] == (128, 128) and info['grid'] == (4, 4)
+    assert info['layer'] == 'backbone.layer4.2.conv2'
+    assert info['points'][0] == (70, 50) and len(info['cells']) == 3
+    check_png(out, figure_size(vis_tool, rows=3))
+    # 'detection_qr' takes other sizes, padded to multiples of 32 by the
+    # data preprocessor: a 100x140 input is a 128x160 batch, 8x10 grid in
+    # layer3 (stride 16)
+    out = str(tmp_path / 'det_size.png')
+    info = vis_tool.visualize(det_cfg, det_ckpt, image, out, size=(100, 140),
+                              layer='layer3.5.conv2', points=[(139, 99)],
+                              dpi=50)
+    assert info['padded_size'] == (128, 160) and info['grid'] == (8, 10)
+    assert info['cells'] == [(6, 8)]
+    check_png(out, figure_size(vis_tool, rows=1, dpi=50))
+
+
+def test_visualize_clear_errors(vis_tool, cls_cfg, cls_ckpt, det_ckpt,
+                                tmp_path, capsys):
+    image = write_image(tmp_path / 'img.png', 32, 32)
+    with pytest.raises(ValueError) as err:
+        vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'x.png'),
+                           layer='backbone.layer2.0.conv2')
+    assert 'valid names' in str(err.value)
+    assert 'backbone.layer3.1.conv2' in str(err.value)
+    with pytest.raises(ValueError, match='outside'):
+        vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'x.png'),
+                           points=[(32, 3)])
+    for args in ([DEMO_DET, det_ckpt, str(tmp_path / 'none.png')],
+                 [DEMO_DET, str(tmp_path / 'none.pth'), image]):
+        with pytest.raises(SystemExit) as exit_:
+            vis_tool.main(args + ['--out', str(tmp_path / 'x.png')])
+        assert exit_.value.code == 2
+        assert 'not found' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'x.png')
+
+
+# ----------------------------------------------------------------------------
+# tools/analysis_tools/plot_curves.py
+# ----------------------------------------------------------------------------
+def write_run(work_dir, stamp, lines):
+    run = os.path.join(work_dir, stamp, 'vis_data')
+    os.makedirs(run)
+    with open(os.path.join(run, 'scalars.json'), 'w') as f:
+        for line in lines:
+            f.write(json.dumps(line) + '\n')
+
+
+def train_line(step, loss):
+    return dict(lr=1e-3, loss=loss, loss_cls=loss / 2, time=0.1, step=step)
+
+
+def test_plot_curves(tmp_path):
+    tool = load_tool('tools/analysis_tools/plot_curves.py')
+    work = str(tmp_path / 'work')
+    # a run interrupted after iteration 30 (checkpoint at 20), resumed; the
+    # validation metrics are logged by epoch (step 0), as LoggerHook does
+    write_run(work, '20260101_000000',
+              [train_line(s, 2.0 - s / 100) for s in (10, 20, 30)])
+    write_run(work, '20260101_010000',
+              [train_line(s, 1.0 - s / 1000) for s in (30, 40)]
+              + [{'coco/bbox_mAP': 0.25, 'coco/segm_mAP': 0.2, 'step': 0}])
+    assert tool.main([work]) == os.path.join(work, 'curves.png')
+    with Image.open(os.path.join(work, 'curves.png')) as image:
+        assert image.format == 'PNG' and image.size == (1100, 400)
+    from lesa_mm.utils.curves import load_curves
+    train, val, used = load_curves(work)
+    assert [r['x'] for r in train] == [10, 20, 30, 40] and len(used) == 2
+    assert train[2]['loss'] == pytest.approx(0.97)  # the resumed run's
+    assert [(r['x'], r['coco/bbox_mAP']) for r in val] == [(40, 0.25)]
+    assert len(load_curves(work, runs='latest')[0]) == 2
+    out = str(tmp_path / 'lr.png')
+    assert tool.main([work, '--keys', 'loss', 'lr', 'coco/segm_mAP',
+                      '--out', out]) == out
+    with Image.open(out) as image:
+        assert image.size == (1650, 400)  # three panels
+
+
+def test_plot_curves_errors(tmp_path, capsys):
+    tool = load_tool('tools/analysis_tools/plot_curves.py')
+    empty = tmp_path / 'empty'
+    (empty / '20260101_000000' / 'vis_data').mkdir(parents=True)
+    for args in ([str(empty)], [str(tmp_path / 'missing')]):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(args)
+        assert exit_.value.code == 2
+    assert 'no scalars found' in capsys.readouterr().err
+    write_run(str(tmp_path / 'work'), '20260101_000000', [train_line(1, 1.0)])
+    with pytest.raises(SystemExit):
+        tool.main([str(tmp_path / 'work'), '--keys', 'coco/bbox_mAP'])
+    assert "training entries: ['lr', 'loss'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# demo/image_demo.py
+# ----------------------------------------------------------------------------
+def test_image_demo_detection(det_ckpt, tmp_path, capsys):
+    demo = load_tool('demo/image_demo.py')
+    image = write_image(tmp_path / 'img.png', 100, 140)
+    out = str(tmp_path / 'out' / 'det.png')
+    sample = demo.main([image, DEMO_DET, det_ckpt, '--out', out,
+                        '--score-thr', '0.05'])
+    assert sample.ori_shape == (100, 140)
+    printed = capsys.readouterr().out
+    assert 'detections with score >= 0.05' in printed
+    # class names of the config (the checkpoint has no dataset_meta)
+    shown = (sample.pred_instances.scores >= 0.05).sum().item()
+    assert printed.count('box (') == shown
+    assert 'person' not in printed
+    with Image.open(out) as drawn:  # drawn 4x larger: 400x560
+        assert drawn.format == 'PNG' and drawn.size == (560, 400)
+
+
+def test_image_demo_classification(cls_ckpt, tmp_path, capsys):
+    demo = load_tool('demo/image_demo.py')
+    image = write_image(tmp_path / 'img.png', 64, 64)
+    out = str(tmp_path / 'cls.png')
+    demo.main([image, DEMO_CLS, cls_ckpt, '--out', out, '--topk', '2'])
+    printed = capsys.readouterr().out
+    assert 'top-2:' in printed and '2. ' in printed and '3. ' not in printed
+    assert any(name in printed for name in ('circle', 'square', 'triangle'))
+    with Image.open(out) as drawn:
+        assert drawn.format == 'PNG' and drawn.size == (384, 384)
+
+
+# ----------------------------------------------------------------------------
+# optional TensorBoard backend, curves hook
+# ----------------------------------------------------------------------------
+def test_optional_tensorboard_backend(tmp_path):
+    from mmengine.registry import VISBACKENDS
+    from mmengine.visualization import Visualizer
+    from lesa_mm.utils.vis_backends import tensorboard_available
+    backend = VISBACKENDS.build(dict(type='OptionalTensorboardVisBackend',
+                                     save_dir=str(tmp_path / 'tb')))
+    backend.add_scalars({'loss': 0.5, 'accuracy/top1': 80.0}, step=3)
+    backend.add_scalar('lr', 1e-3, step=3)
+    backend.add_image('img', np.zeros((8, 8, 3), np.uint8))
+    assert backend.enabled == tensorboard_available()
+    backend.close()
+    events = [f for _, _, files in os.walk(tmp_path) for f in files
+              if f.startswith('events.')]
+    assert bool(events) == tensorboard_available()
+    # as the demo configs use it: with the local backend in a Visualizer
+    visualizer = Visualizer(
+        name='test_optional_tb', save_dir=str(tmp_path / 'run'),
+        vis_backends=[dict(type='LocalVisBackend'),
+                      dict(type='OptionalTensorboardVisBackend')])
+    visualizer.add_scalars({'loss': 1.0}, step=1)
+    visualizer.close()
+    assert os.path.isfile(tmp_path / 'run' / 'vis_data' / 'scalars.json')
+
+
+def test_plot_curves_hook(tmp_path):
+    from mmengine.registry import HOOKS
+    work = str(tmp_path)
+    write_run(work, '20260101_000000', [train_line(1, 1.0),
+                                        train_line(2, 0.5)])
+    warnings = []
+    runner = types.SimpleNamespace(
+        work_dir=work, logger=types.SimpleNamespace(
+            info=lambda msg: None, warning=warnings.append))
+    hook = HOOKS.build(dict(type='PlotCurvesHook'))
+    hook.after_run(runner)  # a test or val run: nothing drawn
+    assert not os.path.exists(tmp_path / 'curves.png')
+    hook.before_train(runner)
+    hook.after_run(runner)
+    assert os.path.isfile(tmp_path / 'curves.png') and not warnings
+    # no logs: a warning, never an exception
+    runner.work_dir = str(tmp_path / 'nothing')
+    hook.after_run(runner)
+    assert 'no curves written' in warnings[0]

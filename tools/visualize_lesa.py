@@ -1,0 +1,502 @@
+"""Visualise what a LESA layer does on one image: convolution (local) vs.
+self-attention (global) vs. their gated fusion (arXiv:2107.05637).
+
+    python tools/visualize_lesa.py CONFIG CHECKPOINT IMAGE --out FILE.png
+        [--layer NAME] [--points X,Y ...] [--size H W] [--device cpu]
+
+One row per query point (image pixel coordinates ``x,y``; default: the image
+centre and the centres of the top-left and bottom-right quarters), four
+panels per row:
+
+1. the image, the point and the cell of the layer's input grid it falls in;
+2. the binary term's attention of that query over all positions (mean of the
+   heads, eval-mode attention: running statistics of the norms);
+3. the unary term's response ``||u||`` (L2 norm over channels);
+4. the fusion gate ``sigmoid(...)`` averaged over channels (1: the
+   attention output passes, 0: only the convolution).
+
+The maps live on the layer's *input* grid (a strided LESA layer attends
+before it pools) and are upsampled to the image. ``--layer`` takes a module
+name (``backbone.layer3.1.conv2``, or an unambiguous suffix such as
+``layer3.1.conv2``); default: the last LESA layer with stride 1.
+
+Input size: ``'classification'`` position encodings serve only their
+trained feature size, so the image is resized to ``feat_size x stride``
+(the layer's feature size times the downsampling before it, measured on the
+model). ``'detection_qr'`` serves any size: ``--size H W`` if given, else the
+config's test ``Resize`` (fixed scale, or keep-ratio scale), else the image
+size rounded to a multiple of 32.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import os.path as osp
+import sys
+from collections import OrderedDict
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lesa_mm  # noqa: E402,F401  (registers the models, allow-lists ckpts)
+from lesa_mm.models.layers.lesa import LESA  # noqa: E402
+from lesa_mm.utils import build_model_from_config  # noqa: E402
+
+#: Size of one panel (inches) and of the title band.
+PANEL_INCHES = 3.0
+TITLE_INCHES = 0.5
+COLUMNS = 4
+#: Square image used to measure each layer's downsampling.
+PROBE_SIZE = 128
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the chosen layer's input is known."""
+
+
+# ----------------------------------------------------------------------------
+# model and layers
+# ----------------------------------------------------------------------------
+def load_model(config, checkpoint, device='cpu'):
+    """``(cfg, model)``: the model of ``config`` (a file or a loaded
+    ``Config``) with the checkpoint's weights, in eval mode."""
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+    files = [('checkpoint', checkpoint)]
+    if not isinstance(config, Config):
+        files.insert(0, ('config', config))
+    for kind, path in files:
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{kind} file {path!r} not found')
+    cfg = copy.deepcopy(config) if isinstance(config, Config) else \
+        Config.fromfile(config)
+    model = build_model_from_config(cfg)
+    ckpt = load_checkpoint(model, checkpoint, map_location='cpu',
+                           strict=False, logger='silent')
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
+    loaded = {k[len('module.'):] if k.startswith('module.') else k: v
+              for k, v in state.items()}
+    own = model.state_dict()
+    if not loaded.keys() & own.keys():
+        raise ValueError(f'checkpoint {checkpoint!r} has no weights of the '
+                         f'model of {cfg.filename or "the config"!r}')
+    wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}'
+             for k, v in loaded.items()
+             if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f'checkpoint {checkpoint!r} does not fit the model '
+                         f'of {cfg.filename or "the config"!r}: '
+                         f'{len(wrong)} weights of other shapes, e.g. '
+                         f'{wrong[:3]}')
+    missing = [k for k in own if k not in loaded]
+    if missing:
+        print(f'warning: {len(missing)} weights not in the checkpoint, e.g. '
+              f'{missing[:3]}', file=sys.stderr)
+    return cfg, model.to(device).eval()
+
+
+def lesa_layers(model):
+    """Name -> LESA layer, in module order."""
+    return OrderedDict((name, m) for name, m in model.named_modules()
+                       if isinstance(m, LESA))
+
+
+def select_layer(layers, name=None):
+    """The layer called ``name`` (full name or unambiguous suffix), by
+    default the last one with stride 1 (else the last one)."""
+    if not layers:
+        raise ValueError('the model has no LESA layers')
+    if name is None:
+        stride1 = [n for n, m in layers.items() if m.stride == 1]
+        return (stride1 or list(layers))[-1]
+    if name in layers:
+        return name
+    matches = [n for n in layers if n.endswith('.' + name.lstrip('.'))]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(f'--layer {name!r} is not a LESA layer of this model; '
+                     f'valid names: {", ".join(layers)}')
+
+
+def _extract(model, inputs):
+    if hasattr(model, 'extract_feat'):
+        return model.extract_feat(inputs)
+    return model.backbone(inputs)
+
+
+@contextlib.contextmanager
+def _shape_only(layers, shapes):
+    """Replace every LESA layer by a stand-in that records its input shape
+    and returns zeros of its output shape (works at any input size)."""
+
+    def stub(name, layer):
+
+        def forward(x):
+            shapes[name] = tuple(x.shape[-2:])
+            h, w = x.shape[-2] // layer.stride, x.shape[-1] // layer.stride
+            return x.new_zeros(x.shape[0], layer.out_channels, h, w)
+
+        return forward
+
+    try:
+        for name, layer in layers.items():
+            layer.forward = stub(name, layer)
+        yield shapes
+    finally:
+        for layer in layers.values():
+            layer.__dict__.pop('forward', None)
+
+
+@torch.no_grad()
+def layer_strides(model, layers, device='cpu'):
+    """Name -> ``(sy, sx)``: image pixels per cell of each layer's input."""
+    shapes = {}
+    probe = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=device)
+    with _shape_only(layers, shapes):
+        _extract(model, probe)
+    return {name: (PROBE_SIZE / h, PROBE_SIZE / w)
+            for name, (h, w) in shapes.items()}
+
+
+# ----------------------------------------------------------------------------
+# input size
+# ----------------------------------------------------------------------------
+def _test_pipeline(cfg):
+    try:
+        pipeline = cfg.test_dataloader.dataset.pipeline
+    except (AttributeError, KeyError):
+        pipeline = None
+    return pipeline or cfg.get('test_pipeline') or []
+
+
+def config_resize(cfg, image_hw):
+    """``(h, w)`` the config's test ``Resize`` gives ``image_hw``, or None."""
+    height, width = image_hw
+    for transform in _test_pipeline(cfg):
+        kind = str(transform.get('type', ''))
+        if not kind.split('.')[-1].endswith('Resize') or \
+                transform.get('scale') is None:
+            continue
+        scale = transform['scale']
+        if isinstance(scale, int):
+            scale = (scale, scale)
+        sw, sh = scale  # OpenMMLab order: (w, h)
+        if not transform.get('keep_ratio', False):
+            return int(sh), int(sw)
+        factor = min(max(sw, sh) / max(height, width),
+                     min(sw, sh) / min(height, width))
+        return int(height * factor + 0.5), int(width * factor + 0.5)
+    return None
+
+
+def model_input_size(cfg, layers, strides, image_hw, size=None):
+    """``(h, w)`` to resize the image to, and a note on where it came from.
+
+    Raises:
+        ValueError: for sizes the position encodings cannot serve.
+    """
+    fixed = {}
+    for name, layer in layers.items():
+        if layer.pe_type != 'classification':
+            continue
+        if name not in strides:
+            raise ValueError(
+                f"cannot tell the input size of {name} ('classification' "
+                'position encodings): the layer is not used by '
+                'extract_feat; pass the size the model was trained at, '
+                'e.g. the crop size of the config\'s pipeline, with --size')
+        (fh, fw), (sy, sx) = layer.feat_size, strides[name]
+        fixed[name] = (int(round(fh * sy)), int(round(fw * sx)))
+    if fixed:
+        sizes = set(fixed.values())
+        if len(sizes) > 1:
+            raise ValueError(f"the 'classification' LESA layers need "
+                             f'different input sizes: {fixed}')
+        need = sizes.pop()
+        if size is not None and tuple(size) != need:
+            raise ValueError(
+                f"this model's LESA layers use 'classification' position "
+                f'encodings, which serve only their trained feature size: '
+                f'the input must be {need[0]}x{need[1]} (feat_size x '
+                f'stride), got --size {size[0]} {size[1]}')
+        return need, "trained size of the 'classification' encodings"
+    if size is not None:
+        return tuple(size), '--size'
+    resized = config_resize(cfg, image_hw)
+    if resized is not None:
+        return resized, "the config's test Resize"
+    height, width = image_hw
+    return ((max(32, int(round(height / 32)) * 32),
+             max(32, int(round(width / 32)) * 32)),
+            'image size rounded to a multiple of 32')
+
+
+# ----------------------------------------------------------------------------
+# the maps
+# ----------------------------------------------------------------------------
+def preprocess(model, image_bgr, size):
+    """The model's input batch of one BGR image resized to ``size``."""
+    import mmcv
+    resized = mmcv.imresize(image_bgr, (size[1], size[0]),
+                            interpolation='bilinear')
+    tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0,
+                                                                      1)))
+    data = model.data_preprocessor({'inputs': [tensor]}, False)
+    return data['inputs']
+
+
+@torch.no_grad()
+def layer_input(model, layer, inputs):
+    """The input ``x`` of ``layer`` when the model extracts features."""
+    captured = {}
+
+    def hook(module, args):
+        captured['x'] = args[0]
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        _extract(model, inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if 'x' not in captured:
+        raise ValueError('the chosen LESA layer is not used by the model\'s '
+                         'extract_feat')
+    return captured['x']
+
+
+@torch.no_grad()
+def lesa_maps(layer, x, queries):
+    """``attention (Q, h, w)`` (mean over heads), ``unary (h, w)`` (L2 norm
+    over channels), ``gate (h, w)`` (channel mean)."""
+    u = layer.unary(x)
+    b = layer.binary(x)
+    gate = layer.fusion.gate(u, b)
+    attention = layer.binary.attention_maps(x, queries)
+    return (attention[0].mean(dim=0), u[0].norm(dim=0), gate[0].mean(dim=0))
+
+
+def _to_image(grid_map, padded_hw, valid_hw, mode):
+    """Upsample a map on the layer grid to the padded input, crop the part
+    the resized image covers."""
+    up = F.interpolate(grid_map[None, None].float(), size=padded_hw,
+                       mode=mode,
+                       **({} if mode == 'nearest' else dict(
+                           align_corners=False)))
+    return up[0, 0, :valid_hw[0], :valid_hw[1]].cpu().numpy()
+
+
+def parse_point(text):
+    try:
+        x, y = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'a point is X,Y in image pixels, got {text!r}')
+    return x, y
+
+
+def default_points(width, height):
+    return [(width / 2, height / 2), (width / 4, height / 4),
+            (3 * width / 4, 3 * height / 4)]
+
+
+def _panel_axes(fig, size, row, col, aspect, with_colorbar):
+    """Axes (and colorbar axes) of one panel, placed in inches: a 0.45 in
+    title band, then the image fitted into 2.35 x 2.45 in."""
+    fig_w, fig_h = size
+    box_w, box_h = PANEL_INCHES - 0.65, PANEL_INCHES - 0.55
+    if box_w * aspect <= box_h:
+        width, height = box_w, box_w * aspect
+    else:
+        width, height = box_h / aspect, box_h
+    left = col * PANEL_INCHES + 0.08
+    top = fig_h - TITLE_INCHES - row * PANEL_INCHES - 0.45
+    ax = fig.add_axes([left / fig_w, (top - height) / fig_h, width / fig_w,
+                       height / fig_h])
+    cax = None
+    if with_colorbar:
+        cax = fig.add_axes([(left + width + 0.06) / fig_w,
+                            (top - height) / fig_h, 0.1 / fig_w,
+                            height / fig_h])
+    return ax, cax
+
+
+def draw_figure(out, rgb, rows, points, boxes, title, dpi=100):
+    """One row of panels per point: ``rows[i]`` lists ``(heat map or None
+    for the plain image, imshow style, panel title)``; ``boxes[i]`` is the
+    query's grid cell ``(x, y, w, h)`` drawn on the plain image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    img_h, img_w = rgb.shape[:2]
+    size = (COLUMNS * PANEL_INCHES, len(rows) * PANEL_INCHES + TITLE_INCHES)
+    # fixed sizes in inches rather than a layout engine: the PNG is exactly
+    # figsize x dpi pixels, and drawing is much faster
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    gray = rgb.astype(np.float32).mean(axis=2)
+    extent = (0, img_w, img_h, 0)
+    for i, panels in enumerate(rows):
+        px, py = points[i]
+        for j, (heat, style, panel_title) in enumerate(panels):
+            ax, cax = _panel_axes(fig, size, i, j, img_h / img_w,
+                                  heat is not None)
+            if heat is None:
+                ax.imshow(rgb, extent=extent, interpolation='nearest',
+                          aspect='auto')
+                ax.add_patch(Rectangle(boxes[i][:2], *boxes[i][2:],
+                                       fill=False, edgecolor='yellow',
+                                       linewidth=1.5))
+            else:  # grey image under the heat map: its colours read true
+                ax.imshow(gray, extent=extent, cmap='gray', vmin=0, vmax=255,
+                          interpolation='nearest', aspect='auto')
+                im = ax.imshow(heat, extent=extent, alpha=0.6,
+                               interpolation='bilinear', aspect='auto',
+                               **style)
+                fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
+            ax.plot([px], [py], marker='x', color='white', markersize=9,
+                    markeredgewidth=3)
+            ax.plot([px], [py], marker='x', color='red', markersize=8,
+                    markeredgewidth=1.5)
+            ax.set_xlim(0, img_w)
+            ax.set_ylim(img_h, 0)
+            ax.set_title(panel_title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.text(0.5, 1 - TITLE_INCHES / 2 / size[1], title, fontsize=9,
+             ha='center', va='center')
+    os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+
+
+def visualize(config, checkpoint, image, out, layer=None, points=None,
+              size=None, device='cpu', dpi=100, interpolation='bilinear'):
+    """Draw the figure (see the module docstring) of ``config`` (a file or a
+    loaded ``Config``); returns a dict with what was drawn (``layer``,
+    ``input_size``, ``padded_size``, ``grid``, ``cells``, ``points``,
+    ``out``)."""
+    import mmcv
+    if not osp.isfile(image):
+        raise FileNotFoundError(f'image {image!r} not found')
+    image_bgr = mmcv.imread(image, flag='color')
+    if image_bgr is None:
+        raise ValueError(f'cannot read {image!r} as an image')
+    image_hw = image_bgr.shape[:2]
+    img_h, img_w = image_hw
+    points = list(points) if points else default_points(img_w, img_h)
+    for x, y in points:
+        if not (0 <= x < img_w and 0 <= y < img_h):
+            raise ValueError(f'point ({x:g}, {y:g}) lies outside the '
+                             f'{img_w}x{img_h} (WxH) image')
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise ValueError(f'--size takes H W, got {size}')
+    cfg, model = load_model(config, checkpoint, device)
+
+    layers = lesa_layers(model)
+    name = select_layer(layers, layer)
+    lesa = layers[name]
+    strides = layer_strides(model, layers, device)
+    input_hw, size_note = model_input_size(cfg, layers, strides, image_hw,
+                                           size)
+    inputs = preprocess(model, image_bgr, input_hw)
+    padded_hw = tuple(inputs.shape[-2:])
+    x = layer_input(model, lesa, inputs)
+    grid_h, grid_w = x.shape[-2:]
+
+    cells = []
+    for px, py in points:
+        # image pixel (centre) -> resized input -> layer grid
+        ry = (py + 0.5) * input_hw[0] / img_h
+        rx = (px + 0.5) * input_hw[1] / img_w
+        row = min(grid_h - 1, int(ry * grid_h / padded_hw[0]))
+        col = min(grid_w - 1, int(rx * grid_w / padded_hw[1]))
+        cells.append((row, col))
+    queries = [r * grid_w + c for r, c in cells]
+    attention, unary, gate = lesa_maps(lesa, x, queries)
+
+    # from the layer grid to the original image's coordinates
+    def shown(grid_map):
+        return _to_image(grid_map, padded_hw, input_hw, interpolation)
+
+    cell_h = padded_hw[0] / grid_h * img_h / input_hw[0]
+    cell_w = padded_hw[1] / grid_w * img_w / input_hw[1]
+    unary_img, gate_img = shown(unary), shown(gate)
+
+    rows = []
+    for i, ((px, py), (row, col)) in enumerate(zip(points, cells)):
+        att = attention[i]
+        rows.append([
+            (None, None, f'query ({px:g}, {py:g}) -> cell ({row}, {col})'),
+            # colours span the map's own range; the title gives the
+            # uniform weight 1/L for scale
+            (shown(att), dict(cmap='jet', vmin=att.min().item(),
+                              vmax=att.max().item()),
+             f'self-attention (global), {lesa.groups} heads\nmax '
+             f'{att.max().item():.3g}, uniform {1 / att.numel():.3g}'),
+            (unary_img, dict(cmap='viridis'),
+             'convolution (local)\n||u||, L2 over channels'),
+            (gate_img, dict(cmap='magma', vmin=0, vmax=1),
+             f'LESA gate (channel mean)\nat query: '
+             f'{gate[row, col].item():.2f}'),
+        ])
+    title = (f'{name}: {lesa.pe_type} LESA, stride {lesa.stride}, input '
+             f'grid {grid_h}x{grid_w}; model input {input_hw[0]}x'
+             f'{input_hw[1]} ({size_note}); {osp.basename(image)}')
+    boxes = [(col * cell_w, row * cell_h, cell_w, cell_h)
+             for row, col in cells]
+    draw_figure(out, image_bgr[..., ::-1], rows, points, boxes, title, dpi)
+    return dict(out=out, layer=name, input_size=input_hw,
+                padded_size=padded_hw, grid=(grid_h, grid_w), cells=cells,
+                points=points, size_note=size_note)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Visualise a LESA layer: self-attention of query points, '
+        'convolution response and fusion gate')
+    parser.add_argument('config', help='model config')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('image', help='input image')
+    parser.add_argument('--out', required=True, help='PNG to write')
+    parser.add_argument('--layer', help='LESA module name, e.g. '
+                        'backbone.layer3.1.conv2 (default: the last LESA '
+                        'layer with stride 1)')
+    parser.add_argument('--points', nargs='+', type=parse_point,
+                        metavar='X,Y', help='query points in image pixels '
+                        '(default: centre and two quarter points)')
+    parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'),
+                        help="model input size ('detection_qr' only; "
+                        "'classification' needs its trained size)")
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dpi', type=int, default=100)
+    parser.add_argument('--interpolation', choices=['bilinear', 'nearest'],
+                        default='bilinear',
+                        help='upsampling of the maps to the image')
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        info = visualize(args.config, args.checkpoint, args.image, args.out,
+                         layer=args.layer, points=args.points, size=args.size,
+                         device=args.device, dpi=args.dpi,
+                         interpolation=args.interpolation)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(f"{info['layer']}: input grid {info['grid'][0]}x{info['grid'][1]}, "
+          f"model input {info['input_size'][0]}x{info['input_size'][1]} "
+          f"({info['size_note']})")
+    for (px, py), (row, col) in zip(info['points'], info['cells']):
+        print(f'  point ({px:g}, {py:g}) -> cell ({row}, {col})')
+    print(f"written to {info['out']}")
+    return info
+
+
+if __name__ == '__main__':
+    main()
