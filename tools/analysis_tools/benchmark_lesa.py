@@ -628,26 +628,25 @@ def run_benchmark(args, out=None):
 # --------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}')
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got '
-                                         f'{value}')
-    return value
+def _int_at_least(minimum):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f'expected an integer, got {text!r}')
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f'expected an integer >= {minimum}, got {value}')
+        return value
+
+    return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}')
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got '
-                                         f'{value}')
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _impl_list(text):
