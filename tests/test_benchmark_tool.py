@@ -46,6 +46,7 @@ def test_tiny_layer_table(tool):
     assert sorted((r[0], r[2]) for r in rows) == [
         ('eval', 'fused'), ('eval', 'reference'), ('train', 'fused'),
         ('train', 'reference')]
+    peaks = {(r[0], r[2]): float(r[5]) for r in rows}
     for mode, _, impl, time_ms, min_ms, peak, speedup, ratio, out_err, \
             grad_err, fp64_out, fp64_grad in rows:
         for figure in (time_ms, min_ms, peak):
@@ -53,7 +54,12 @@ def test_tiny_layer_table(tool):
         errors = [fp64_out] + ([fp64_grad] if mode == 'train' else [])
         if impl == 'fused':
             assert speedup.startswith(tuple('0123456789'))
-            assert math.isfinite(float(ratio))
+            # in one process the RSS high-water mark may already cover a
+            # tiny reference run: then there is no ratio to print
+            if peaks[(mode, 'reference')] > 0:
+                assert math.isfinite(float(ratio))
+            else:
+                assert ratio == '-'
             errors += [out_err] + ([grad_err] if mode == 'train' else [])
         for err in errors:
             assert 0 <= float(err) < 1e-4, (mode, impl, err)
