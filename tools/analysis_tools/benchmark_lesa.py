@@ -18,7 +18,10 @@ checks that both kernels, from the same weights and input, give the same
 outputs (and, in train mode, input gradients): the ``rel err`` columns show
 ``||fused - reference|| / ||reference||``.
 
-Time is the median of ``--repeats`` runs after ``--warmup`` runs. Memory:
+Time is the median (and the minimum) of the wall times of ``--repeats``
+runs after ``--warmup`` runs; ``--rounds N`` measures each kernel N times,
+alternating the kernels, which evens out a shared machine's changing load.
+Memory:
 
 * CPU: each cell runs in a fresh Python process, which builds the model and
   input, then records its resident set (and resets the kernel's high-water
