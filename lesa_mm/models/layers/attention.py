@@ -89,6 +89,16 @@ def _all_reduce_for_syncbn(norm, stats):
     return stats
 
 
+def _count_batch(norm):
+    """Count one more training batch in ``norm`` and return the momentum of
+    its running-statistic update, as ``_BatchNorm.forward`` does (``None``
+    momentum: cumulative average)."""
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
 def _update_running_stats(norm, mean, var, count):
     """Update ``norm``'s running statistics as ``BatchNorm2d`` would from a
     batch of ``count`` (a tensor) elements per channel with biased variance
@@ -96,11 +106,7 @@ def _update_running_stats(norm, mean, var, count):
     if not (norm.training and norm.track_running_stats):
         return
     with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
-        else:
-            momentum = norm.momentum
+        momentum = _count_batch(norm)
         unbiased = var * (count / (count - 1).clamp_min(1))
         norm.running_mean.mul_(1 - momentum).add_(
             mean.to(norm.running_mean.dtype), alpha=momentum)
@@ -216,11 +222,7 @@ def _normalise_terms_in_place(logit_norm, terms):
     g = terms[0].shape[1]
     use_batch = _uses_batch_stats(logit_norm)
     update = logit_norm.training and logit_norm.track_running_stats
-    momentum = logit_norm.momentum
-    if update:
-        logit_norm.num_batches_tracked.add_(1)
-        if momentum is None:
-            momentum = 1.0 / float(logit_norm.num_batches_tracked)
+    momentum = _count_batch(logit_norm) if update else 0.0
     out = 0
     for t, term in enumerate(terms):
         part = slice(t * g, (t + 1) * g)
@@ -234,7 +236,7 @@ def _normalise_terms_in_place(logit_norm, terms):
             sliced(logit_norm.running_mean) if keep_stats else None,
             sliced(logit_norm.running_var) if keep_stats else None,
             sliced(logit_norm.weight), sliced(logit_norm.bias),
-            training=use_batch, momentum=momentum or 0.0,
+            training=use_batch, momentum=momentum,
             eps=logit_norm.eps)
     return out
 
