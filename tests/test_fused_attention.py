@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lesa_mm.models import LESA, LESAResNet
+from lesa_mm.models.layers import attention
 
 
 def fused_and_reference(cin, c, groups, pe_type, feat, stride=1, seed=0):
@@ -148,3 +149,103 @@ def test_autocast_outputs_and_gradients(dtype):
     assert fused.binary.logit_norm.running_var.dtype == torch.float32
     rel = (y.float() - y32).norm() / y32.norm()
     assert rel < 0.05
+
+
+# --------------------------------------------------------------------------
+# key-block path of CPU inference
+# --------------------------------------------------------------------------
+def dense_attention(q_s, k, v, row_s, col_s, height, width):
+    """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
+    explicit ``L x L`` logits, key ``j`` at ``(j // W, j % W)``."""
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    logits = q_s @ k.transpose(-1, -2) + row_s[..., rows] + col_s[..., cols]
+    return logits.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize(
+    'shape',
+    [
+        # N, g, H, W, dq, dv, (h, w), chunk bytes
+        (2, 3, 7, 11, 4, 6, (3, 4), None),  # both axes overhang
+        (1, 2, 13, 5, 8, 3, (5, 5), 64),  # many small query chunks
+        (3, 1, 9, 9, 2, 16, (9, 1), None),  # one-column blocks, dv > width
+        (1, 2, 16, 16, 16, 32, (4, 4), 512),  # tiled exactly
+    ],
+    ids=str)
+def test_key_block_attention_equals_dense_softmax(shape):
+    n, g, height, width, dq, dv, blocks, chunk_bytes = shape
+    length = height * width
+    torch.manual_seed(0)
+    q_s, k = (torch.randn(n, g, length, dq, dtype=torch.float64)
+              for _ in range(2))
+    v = torch.randn(n, g, length, dv, dtype=torch.float64)
+    row_s = 3 * torch.randn(n, g, length, height, dtype=torch.float64)
+    col_s = 3 * torch.randn(n, g, length, width, dtype=torch.float64)
+    out = attention._key_block_attention(q_s, k, v, row_s, col_s, height,
+                                         width, blocks, chunk_bytes)
+    expected = dense_attention(q_s, k, v, row_s, col_s, height, width)
+    assert out.shape == (n, g, length, dv)
+    assert rel_error(out, expected) < 1e-13
+
+
+def test_key_blocks_policy():
+    q_s = torch.zeros(1, 1, 64 * 64, 16)
+    plan = attention._key_blocks
+    with torch.no_grad():
+        # 16 + 16 + 16 = 48 channels instead of 16 + 64 + 64 = 144
+        assert plan(q_s, [q_s], 64, 64) == (16, 16)
+        # near-equal blocks: 50 = 4 x 13 - 2, 84 = 6 x 14
+        assert plan(q_s, [q_s], 50, 84) == (13, 14)
+        # blocks would not halve the width (48 vs 80): one call
+        assert plan(q_s, [q_s], 32, 32) is None
+    # gradients go through the one-call path
+    q_grad = q_s.clone().requires_grad_(True)
+    assert plan(q_grad, [q_grad], 64, 64) is None
+    with torch.no_grad():
+        assert plan(q_grad, [q_grad], 64, 64) == (16, 16)
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """The ``blocks`` argument of every key-block attention call."""
+    calls = []
+    block_attention = attention._key_block_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])
+        return block_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention, '_key_block_attention', spy)
+    return calls
+
+
+def test_layer_eval_takes_key_blocks_and_equals_reference(block_calls):
+    """A LESA layer in eval mode under no_grad at a 40x40 map (blocks of
+    14x14, overhanging by 2) equals the reference kernel in float64."""
+    fused, reference = fused_and_reference(16, 32, 2, 'detection_qr', 40)
+    fused.eval().double()
+    reference.eval().double()
+    x = torch.randn(2, 16, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        y_f, y_r = fused(x), reference(x)
+    assert block_calls == [(14, 14)]
+    assert rel_error(y_f, y_r) < 1e-12
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_key_blocks_under_autocast(dtype, monkeypatch, block_calls):
+    """Low precision through the key-block path: finite, close to float32
+    (the blocks' merge runs in float32)."""
+    monkeypatch.setattr(attention, 'KEY_BLOCK', 8)
+    fused, _ = fused_and_reference(64, 64, 4, 'detection_qr', 24)
+    fused.eval()
+    x = torch.randn(1, 64, 24, 24)
+    with torch.no_grad():
+        y32 = fused(x)
+        with torch.autocast('cpu', dtype=dtype):
+            y = fused(x)
+    assert block_calls == [(8, 8), (8, 8)]
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert (y.float() - y32).norm() / y32.norm() < 0.05

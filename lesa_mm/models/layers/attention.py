@@ -197,22 +197,153 @@ def _fused_detection(q, k, v, position, logit_norm, height, width):
         torch.get_autocast_dtype(q.device.type)
     a = scale[:g].view(1, g, 1, 1).to(dtype)
     b = scale[g:].view(1, g, 1, 1).to(dtype)
-    # softmax_j(a q_i.k_j + b (R[i, r_j] + C[i, c_j])) as one attention call:
-    # queries [a q_i, b R[i], b C[i]] against keys [k_j, onehot(r_j), onehot(c_j)]
-    q_aug = torch.cat([q.transpose(-1, -2).to(dtype) * a,
-                       row.to(dtype) * b, col.to(dtype) * b], dim=-1)
+    # softmax_j(a q_i.k_j + b (R[i, r_j] + C[i, c_j]))
+    q_s = q.transpose(-1, -2).to(dtype) * a
+    row_s, col_s = row.to(dtype) * b, col.to(dtype) * b
+    k_t, v_t = k.transpose(-1, -2).to(dtype), v.transpose(-1, -2).to(dtype)
+    blocks = _key_blocks(q_s, (q_s, k_t, v_t, row_s, col_s), height, width)
+    if blocks is not None:
+        out = _key_block_attention(q_s, k_t, v_t, row_s, col_s, height,
+                                   width, blocks)
+        return out.transpose(-1, -2)
+    # one attention call: queries [a q_i, b R[i], b C[i]] against keys
+    # [k_j, onehot(r_j), onehot(c_j)]
+    q_aug = torch.cat([q_s, row_s, col_s], dim=-1)
     indicators = _axis_indicators(height, width, q.device, dtype)
-    k_aug = torch.cat([k.transpose(-1, -2).to(dtype),
-                       indicators.expand(n, g, length, height + width)],
-                      dim=-1)
+    k_aug = torch.cat(
+        [k_t, indicators.expand(n, g, length, height + width)], dim=-1)
     # some fused kernels need equal query/key and value head sizes: pad the
     # smaller with zeros (zero columns add nothing to the logits)
     size = max(q_aug.shape[-1], dv)
     q_aug = F.pad(q_aug, (0, size - q_aug.shape[-1]))
     k_aug = F.pad(k_aug, (0, size - k_aug.shape[-1]))
-    v_pad = F.pad(v.transpose(-1, -2).to(dtype), (0, size - dv))
+    v_pad = F.pad(v_t, (0, size - dv))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)
     return out[..., :dv].transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------
+# key-block path (CPU inference)
+# --------------------------------------------------------------------------
+#: Largest side of a key block of the CPU inference path.
+KEY_BLOCK = 16
+#: Bytes of augmented queries per attention call of that path.
+KEY_BLOCK_CHUNK_BYTES = 4 << 20
+
+
+def _block_side(size, target):
+    """The side of near-equal blocks of at most ``target`` tiling ``size``
+    (the last block may overhang by less than one block)."""
+    count = -(-size // target)
+    return -(-size // count)
+
+
+def _key_blocks(q_s, tensors, height, width, target=None):
+    """The ``(h, w)`` key blocks of :func:`_key_block_attention`, or ``None``
+    where the one-call path is used: on other devices than the CPU, when a
+    gradient is needed (the CPU kernel's log-sum-exp output has none), and
+    where blocks would not at least halve the augmented head width."""
+    target = KEY_BLOCK if target is None else target
+    if q_s.device.type != 'cpu' or not hasattr(
+            torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    h, w = _block_side(height, target), _block_side(width, target)
+    dq = q_s.shape[-1]
+    if 2 * (dq + h + w) > dq + height + width:
+        return None
+    return h, w
+
+
+def _key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
+                         chunk_bytes=None):
+    """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
+    the keys split into ``h x w`` blocks of the feature map.
+
+    Within a block only ``h`` rows and ``w`` columns occur, so its augmented
+    head is ``dq + h + w`` wide instead of ``dq + H + W`` (the one-call
+    path's): at a 64x64 map and 16x16 blocks, 48 instead of 144 channels.
+    Every block is attended by all queries in one batched call of PyTorch's
+    CPU flash kernel, which also returns each block's log-sum-exp ``lse_b``;
+    the blocks' outputs ``o_b`` merge exactly as
+    ``sum_b softmax_b(lse_b) o_b``. Keys that pad the map to whole blocks
+    get a logit of ``finfo.min / 4``, a weight of exactly zero. Queries are
+    processed in chunks of about ``chunk_bytes`` of augmented queries.
+
+    Args:
+        q_s (Tensor): Scaled queries ``(N, g, L, dq)``.
+        k (Tensor): Keys ``(N, g, L, dq)``.
+        v (Tensor): Values ``(N, g, L, dv)``.
+        row_s (Tensor): Scaled row logits ``(N, g, L, H)``.
+        col_s (Tensor): Scaled column logits ``(N, g, L, W)``.
+        height (int): ``H``.
+        width (int): ``W``.
+        blocks (tuple[int, int]): Block height ``h`` and width ``w``.
+        chunk_bytes (int, optional): Defaults to ``KEY_BLOCK_CHUNK_BYTES``.
+
+    Returns:
+        Tensor: ``(N, g, L, dv)``.
+    """
+    n, g, length, dq = q_s.shape
+    dv = v.shape[-1]
+    h, w = blocks
+    rows, cols = -(-height // h), -(-width // w)
+    n_blocks = rows * cols
+    pad_h, pad_w = rows * h - height, cols * w - width
+    dtype = q_s.dtype
+    width_aug = dq + h + w
+    size = max(width_aug, dv)
+    if pad_h or pad_w:
+        never = torch.finfo(dtype).min / 4
+        row_s = F.pad(row_s, (0, pad_h), value=never)
+        col_s = F.pad(col_s, (0, pad_w), value=never)
+    heads = n * g
+
+    def to_blocks(x):
+        """``(N, g, L, c)`` -> ``(N g, blocks, h w, c)``, zero-padded."""
+        c = x.shape[-1]
+        x = F.pad(x.reshape(heads, height, width, c),
+                  (0, 0, 0, pad_w, 0, pad_h))
+        x = x.view(heads, rows, h, cols, w, c).transpose(2, 3)
+        return x.reshape(heads, n_blocks, h * w, c)
+
+    # keys [k_j, onehot(r_j - r0), onehot(c_j - c0), 0], values [v_j, 0]
+    k_aug = k.new_zeros(heads, n_blocks, h, w, size)
+    k_aug[..., :dq] = to_blocks(k).view(heads, n_blocks, h, w, dq)
+    k_aug[..., dq:dq + h] = torch.eye(h, dtype=dtype)[:, None]
+    k_aug[..., dq + h:width_aug] = torch.eye(w, dtype=dtype)
+    k_aug = k_aug.view(heads, n_blocks, 1, h * w, size)
+    v_aug = F.pad(to_blocks(v), (0, size - dv)).unsqueeze(2)
+
+    q_s = q_s.reshape(heads, length, dq)
+    row_s = row_s.reshape(heads, length, rows, h)
+    col_s = col_s.reshape(heads, length, cols, w)
+    out = q_s.new_empty(heads, length, dv)
+    chunk_bytes = KEY_BLOCK_CHUNK_BYTES if chunk_bytes is None else \
+        chunk_bytes
+    chunk = max(1, chunk_bytes // (n_blocks * size * q_s.element_size()))
+    for head in range(heads):
+        for start in range(0, length, chunk):
+            part = slice(start, start + chunk)
+            count = min(chunk, length - start)
+            # queries [q_s[i], row_s[i, block rows], col_s[i, block cols], 0]
+            q_aug = q_s.new_empty(rows, cols, count, size)
+            q_aug[..., width_aug:] = 0
+            q_aug[..., :dq] = q_s[head, part]
+            q_aug[..., dq:dq + h] = row_s[head, part].transpose(0, 1)[:, None]
+            q_aug[..., dq + h:width_aug] = \
+                col_s[head, part].transpose(0, 1)[None]
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q_aug.view(n_blocks, 1, count, size), k_aug[head],
+                v_aug[head], scale=1.0)[:2]
+            o = o.view(n_blocks, count, size)[..., :dv]
+            weights = lse.view(n_blocks, count, 1).softmax(dim=0)
+            merged = o[0] * weights[0]
+            for block in range(1, n_blocks):
+                merged.addcmul_(o[block], weights[block])
+            out[head, part] = merged
+    return out.view(n, g, length, dv)
 
 
 def _normalise_terms_in_place(logit_norm, terms):
