@@ -174,36 +174,42 @@ def dense_attention(q_s, k, v, row_s, col_s, height, width):
     ],
     ids=str)
 def test_key_block_attention_equals_dense_softmax(shape):
+    """Outputs and the gradients of every input against explicit logits,
+    in float64."""
     n, g, height, width, dq, dv, blocks, chunk_bytes = shape
     length = height * width
     torch.manual_seed(0)
-    q_s, k = (torch.randn(n, g, length, dq, dtype=torch.float64)
-              for _ in range(2))
-    v = torch.randn(n, g, length, dv, dtype=torch.float64)
-    row_s = 3 * torch.randn(n, g, length, height, dtype=torch.float64)
-    col_s = 3 * torch.randn(n, g, length, width, dtype=torch.float64)
-    out = attention._key_block_attention(q_s, k, v, row_s, col_s, height,
-                                         width, blocks, chunk_bytes)
-    expected = dense_attention(q_s, k, v, row_s, col_s, height, width)
+
+    def randn(channels, scale=1.0):
+        x = scale * torch.randn(n, g, length, channels, dtype=torch.float64)
+        return x.requires_grad_(True)
+
+    inputs = [randn(dq), randn(dq), randn(dv), randn(height, 3.0),
+              randn(width, 3.0)]
+    out = attention._key_block_attention(*inputs, height, width, blocks,
+                                         chunk_bytes)
+    expected = dense_attention(*inputs, height, width)
     assert out.shape == (n, g, length, dv)
     assert rel_error(out, expected) < 1e-13
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for name, grad, expected_grad in zip(['q', 'k', 'v', 'row', 'col'], grads,
+                                         expected_grads):
+        assert grad.shape == expected_grad.shape, name
+        assert rel_error(grad, expected_grad) < 1e-12, name
 
 
 def test_key_blocks_policy():
     q_s = torch.zeros(1, 1, 64 * 64, 16)
     plan = attention._key_blocks
-    with torch.no_grad():
-        # 16 + 16 + 16 = 48 channels instead of 16 + 64 + 64 = 144
-        assert plan(q_s, [q_s], 64, 64) == (16, 16)
-        # near-equal blocks: 50 = 4 x 13 - 2, 84 = 6 x 14
-        assert plan(q_s, [q_s], 50, 84) == (13, 14)
-        # blocks would not halve the width (48 vs 80): one call
-        assert plan(q_s, [q_s], 32, 32) is None
-    # gradients go through the one-call path
-    q_grad = q_s.clone().requires_grad_(True)
-    assert plan(q_grad, [q_grad], 64, 64) is None
-    with torch.no_grad():
-        assert plan(q_grad, [q_grad], 64, 64) == (16, 16)
+    # 16 + 16 + 16 = 48 channels instead of 16 + 64 + 64 = 144
+    assert plan(q_s, 64, 64) == (16, 16)
+    # near-equal blocks: 50 = 4 x 13 - 2, 84 = 6 x 14
+    assert plan(q_s, 50, 84) == (13, 14)
+    # blocks would not halve the width (48 vs 80): one call
+    assert plan(q_s, 32, 32) is None
+    assert plan(q_s, 32, 32, target=8) == (8, 8)
 
 
 @pytest.fixture
@@ -220,32 +226,35 @@ def block_calls(monkeypatch):
     return calls
 
 
-def test_layer_eval_takes_key_blocks_and_equals_reference(block_calls):
-    """A LESA layer in eval mode under no_grad at a 40x40 map (blocks of
-    14x14, overhanging by 2) equals the reference kernel in float64."""
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_layer_takes_key_blocks_and_equals_reference(block_calls, training):
+    """A LESA layer at a 40x40 map (blocks of 14x14, overhanging by 2):
+    outputs, input and parameter gradients and running statistics equal
+    the reference kernel's in float64."""
     fused, reference = fused_and_reference(16, 32, 2, 'detection_qr', 40)
-    fused.eval().double()
-    reference.eval().double()
+    fused.train(training).double()
+    reference.train(training).double()
     x = torch.randn(2, 16, 40, 40, dtype=torch.float64)
-    with torch.no_grad():
-        y_f, y_r = fused(x), reference(x)
+    assert_same_step(fused, reference, x, tol=1e-12)
     assert block_calls == [(14, 14)]
-    assert rel_error(y_f, y_r) < 1e-12
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_key_blocks_under_autocast(dtype, monkeypatch, block_calls):
-    """Low precision through the key-block path: finite, close to float32
-    (the blocks' merge runs in float32)."""
+    """Low precision through the key-block path: finite outputs and
+    gradients, close to float32 (the blocks' merge runs in float32)."""
     monkeypatch.setattr(attention, 'KEY_BLOCK', 8)
-    fused, _ = fused_and_reference(64, 64, 4, 'detection_qr', 24)
-    fused.eval()
-    x = torch.randn(1, 64, 24, 24)
-    with torch.no_grad():
-        y32 = fused(x)
-        with torch.autocast('cpu', dtype=dtype):
-            y = fused(x)
-    assert block_calls == [(8, 8), (8, 8)]
+    fused, reference = fused_and_reference(64, 64, 4, 'detection_qr', 24)
+    x = torch.randn(2, 64, 24, 24)
+    y32 = reference.train()(x)
+    x_in = x.clone().requires_grad_(True)
+    with torch.autocast('cpu', dtype=dtype):
+        y = fused.train()(x_in)
+    y.float().square().mean().backward()
+    assert block_calls == [(8, 8)]
     assert y.dtype == dtype
     assert torch.isfinite(y).all()
+    assert torch.isfinite(x_in.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters()
+               if p.grad is not None)
     assert (y.float() - y32).norm() / y32.norm() < 0.05

@@ -109,8 +109,8 @@ def test_sdpa_handle(tool):
     assert 'aten::scaled_dot_product_attention' in stock_unsupported
 
 
-@pytest.mark.parametrize('impl', ['fused', 'reference'])
-def test_lesa_layer_matches_hand_count(tool, impl):
+@pytest.mark.parametrize('impl', ['fused', 'fused-key-blocks', 'reference'])
+def test_lesa_layer_matches_hand_count(tool, impl, monkeypatch):
     """``LESA(256, 256, feat_size=16)`` on a 16x16 map (L = 256 positions,
     g = 8 heads, dq = 16 query/key and dv = 32 value channels per head),
     eval mode, counted as MMEngine counts (MACs; BatchNorm 2 per element):
@@ -128,8 +128,13 @@ def test_lesa_layer_matches_hand_count(tool, impl):
       with the values, to ``max(dq + H + W, dv) = 48`` channels: ``q.k``
       and ``attn.v`` of 48 channels each, ``2 * g * L * L * 48``. It does
       more MACs than the reference products (the position term rides in the
-      product, plus padding), but forms no ``L x L`` tensor.
+      product, plus padding), but forms no ``L x L`` tensor;
+    * ``'fused-key-blocks'``: the CPU path with 4x4 key blocks (the default
+      16x16 blocks only pay on larger maps): the augmented heads are
+      ``dq + 4 + 4 = 24`` channels wide, zero-padded to ``dv = 32``, so
+      ``2 * g * L * L * 32``.
     """
+    from lesa_mm.models.layers import attention
     from lesa_mm.models.layers.lesa import LESA
     c, h, w, g = 256, 16, 16, 8
     length, dq, dv = h * w, c // 16, c // 8
@@ -142,9 +147,14 @@ def test_lesa_layer_matches_hand_count(tool, impl):
             conv=convs, batch_norm=norms + 2 * (2 * g) * length * length,
             einsum=position + g * length * length * (dq + dv))
     else:
+        width = dq + h + w
+        if impl == 'fused-key-blocks':
+            monkeypatch.setattr(attention, 'KEY_BLOCK', 4)
+            width = dq + 4 + 4
         expected = dict(conv=convs, batch_norm=norms, einsum=position,
-                        sdpa=2 * g * length * length * max(dq + h + w, dv))
-    layer = LESA(c, c, feat_size=16, attn_impl=impl).eval()
+                        sdpa=2 * g * length * length * max(width, dv))
+    layer = LESA(c, c, feat_size=16,
+                 attn_impl=impl.replace('-key-blocks', '')).eval()
     ops, _ = count(tool, layer, torch.randn(1, c, h, w))
     assert dict(ops) == expected
 

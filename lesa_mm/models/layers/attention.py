@@ -15,10 +15,22 @@ BatchNorm:
   statistics without any ``L x L`` tensor for ``detection_qr`` (see its
   docstring); ``classification`` (fixed 14x14 maps) keeps explicit logits but
   normalises them without a concatenated copy.
+
+The fused ``detection_qr`` attention runs on PyTorch's fused attention
+kernels in one of two ways, with the same result:
+
+* one ``scaled_dot_product_attention`` call on queries and keys augmented
+  with the position logits and one-hot row/column indicators (heads
+  ``dq + H + W`` wide); on GPUs, and on the CPU for small maps;
+* on the CPU where it at least halves that width, key blocks
+  (:func:`_key_block_attention`): ``h x w`` blocks of keys need heads only
+  ``dq + h + w`` wide, and their outputs merge exactly by their
+  log-sum-exp.
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .position import DecomposedRelPos2d, FlattenedRelPos1d
@@ -201,7 +213,7 @@ def _fused_detection(q, k, v, position, logit_norm, height, width):
     q_s = q.transpose(-1, -2).to(dtype) * a
     row_s, col_s = row.to(dtype) * b, col.to(dtype) * b
     k_t, v_t = k.transpose(-1, -2).to(dtype), v.transpose(-1, -2).to(dtype)
-    blocks = _key_blocks(q_s, (q_s, k_t, v_t, row_s, col_s), height, width)
+    blocks = _key_blocks(q_s, height, width)
     if blocks is not None:
         out = _key_block_attention(q_s, k_t, v_t, row_s, col_s, height,
                                    width, blocks)
@@ -223,12 +235,18 @@ def _fused_detection(q, k, v, position, logit_norm, height, width):
 
 
 # --------------------------------------------------------------------------
-# key-block path (CPU inference)
+# key-block path (CPU)
 # --------------------------------------------------------------------------
-#: Largest side of a key block of the CPU inference path.
+#: Largest side of a key block of the CPU path.
 KEY_BLOCK = 16
 #: Bytes of augmented queries per attention call of that path.
 KEY_BLOCK_CHUNK_BYTES = 4 << 20
+
+_cpu_flash = getattr(torch.ops.aten,
+                     '_scaled_dot_product_flash_attention_for_cpu', None)
+_cpu_flash_backward = getattr(
+    torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward',
+    None)
 
 
 def _block_side(size, target):
@@ -238,22 +256,199 @@ def _block_side(size, target):
     return -(-size // count)
 
 
-def _key_blocks(q_s, tensors, height, width, target=None):
+def _key_blocks(q_s, height, width, target=None):
     """The ``(h, w)`` key blocks of :func:`_key_block_attention`, or ``None``
-    where the one-call path is used: on other devices than the CPU, when a
-    gradient is needed (the CPU kernel's log-sum-exp output has none), and
-    where blocks would not at least halve the augmented head width."""
+    where the one-call path is used: on other devices than the CPU (the
+    blocks need the CPU flash kernel's log-sum-exp) and where blocks would
+    not at least halve the augmented head width."""
     target = KEY_BLOCK if target is None else target
-    if q_s.device.type != 'cpu' or not hasattr(
-            torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if q_s.device.type != 'cpu' or _cpu_flash is None or \
+            _cpu_flash_backward is None:
         return None
     h, w = _block_side(height, target), _block_side(width, target)
     dq = q_s.shape[-1]
     if 2 * (dq + h + w) > dq + height + width:
         return None
     return h, w
+
+
+class _KeyBlockLayout:
+    """Keys of an ``H x W`` map split into ``h x w`` blocks, and the
+    augmented queries, keys and values of each block.
+
+    A block holds only ``h`` rows and ``w`` columns, so the queries
+    ``[q_s[i], row_s[i, block rows], col_s[i, block cols]]`` against the keys
+    ``[k_j, onehot(r_j - r0), onehot(c_j - c0)]`` give every logit
+    ``q_s[i].k_j + row_s[i, r_j] + col_s[i, c_j]`` of the block with heads
+    ``dq + h + w`` wide (zero-padded to the value width where that is
+    larger). Keys that pad the map to whole blocks get a logit of
+    ``finfo.min / 4``, a weight of exactly zero; every block holds at least
+    one real key.
+    """
+
+    def __init__(self, height, width, blocks, dq, dv, dtype):
+        self.height, self.width = height, width
+        self.h, self.w = blocks
+        self.rows, self.cols = -(-height // self.h), -(-width // self.w)
+        self.count = self.rows * self.cols
+        self.pad_h = self.rows * self.h - height
+        self.pad_w = self.cols * self.w - width
+        self.dq, self.dv = dq, dv
+        self.width_aug = dq + self.h + self.w
+        self.size = max(self.width_aug, dv)
+        self.dtype = dtype
+
+    def to_blocks(self, x):
+        """``(heads, L, c)`` -> ``(heads, blocks, h w, c)``, zero-padded."""
+        heads, _, c = x.shape
+        x = F.pad(x.reshape(heads, self.height, self.width, c),
+                  (0, 0, 0, self.pad_w, 0, self.pad_h))
+        x = x.view(heads, self.rows, self.h, self.cols, self.w, c)
+        return x.transpose(2, 3).reshape(heads, self.count, self.h * self.w,
+                                         c)
+
+    def from_blocks(self, x):
+        """The inverse of :meth:`to_blocks`, dropping the padding."""
+        heads, c = x.shape[0], x.shape[-1]
+        x = x.view(heads, self.rows, self.cols, self.h, self.w, c)
+        x = x.transpose(2, 3).reshape(heads, self.rows * self.h,
+                                      self.cols * self.w, c)
+        return x[:, :self.height, :self.width].reshape(heads, -1, c)
+
+    def pad_axes(self, row_s, col_s):
+        """Row and column logits of padding keys: ``finfo.min / 4``."""
+        never = torch.finfo(self.dtype).min / 4
+        return (F.pad(row_s, (0, self.pad_h), value=never),
+                F.pad(col_s, (0, self.pad_w), value=never))
+
+    def keys(self, k):
+        """``(heads, L, dq)`` -> augmented keys ``(heads, blocks, 1, hw,
+        size)``."""
+        h, w, dq = self.h, self.w, self.dq
+        k_aug = k.new_zeros(k.shape[0], self.count, h, w, self.size)
+        k_aug[..., :dq] = self.to_blocks(k).view(*k_aug.shape[:-1], dq)
+        k_aug[..., dq:dq + h] = torch.eye(h, dtype=k.dtype)[:, None]
+        k_aug[..., dq + h:self.width_aug] = torch.eye(w, dtype=k.dtype)
+        return k_aug.view(k.shape[0], self.count, 1, h * w, self.size)
+
+    def values(self, v):
+        """``(heads, L, dv)`` -> ``(heads, blocks, 1, hw, size)``."""
+        return F.pad(self.to_blocks(v), (0, self.size - self.dv)).unsqueeze(2)
+
+    def queries(self, q_s, row_s, col_s):
+        """Augmented queries ``(blocks, 1, n, size)`` of one head's ``n``
+        queries ``q_s (n, dq)``, ``row_s (n, rows h)``, ``col_s (n, cols
+        w)``."""
+        h, w, dq = self.h, self.w, self.dq
+        n = q_s.shape[0]
+        q_aug = q_s.new_empty(self.rows, self.cols, n, self.size)
+        q_aug[..., self.width_aug:] = 0
+        q_aug[..., :dq] = q_s
+        q_aug[..., dq:dq + h] = \
+            row_s.view(n, self.rows, h).transpose(0, 1)[:, None]
+        q_aug[..., dq + h:self.width_aug] = \
+            col_s.view(n, self.cols, w).transpose(0, 1)[None]
+        return q_aug.view(self.count, 1, n, self.size)
+
+    def query_chunks(self, length, chunk_bytes):
+        """Slices of about ``chunk_bytes`` of augmented queries."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        chunk = max(1, chunk_bytes // (self.count * self.size * elem))
+        return [slice(s, min(s + chunk, length))
+                for s in range(0, length, chunk)]
+
+
+class _KeyBlockAttention(torch.autograd.Function):
+    """:func:`_key_block_attention` with its exact gradient.
+
+    Forward: every block is attended by all queries in one batched call of
+    PyTorch's CPU flash kernel, which also returns each block's
+    log-sum-exp ``lse_b``; the blocks' outputs merge exactly as
+    ``O = sum_b softmax_b(lse_b) o_b``.
+
+    Backward: the kernel's backward, given block ``b``'s log-sum-exp, the
+    output gradient ``softmax_b(lse_b) dO`` and the merged output ``O``,
+    returns exactly block ``b``'s share of the gradients of the whole
+    softmax: the logit gradient it forms, ``P_b (w_b dO.v - w_b dO.O)``
+    with ``w_b P_b = P`` the whole softmax restricted to the block, is
+    the whole attention's ``P (dO.v - dO.O)``. The augmented queries are
+    rebuilt in the backward, not stored.
+    """
+
+    @staticmethod
+    def forward(ctx, q_s, k, v, row_s, col_s, height, width, block_h,
+                block_w, chunk_bytes):
+        heads, length, dq = q_s.shape
+        layout = _KeyBlockLayout(height, width, (block_h, block_w), dq,
+                                 v.shape[-1], q_s.dtype)
+        row_p, col_p = layout.pad_axes(row_s, col_s)
+        k_aug, v_aug = layout.keys(k), layout.values(v)
+        out = q_s.new_empty(heads, length, layout.dv)
+        lse = None
+        chunks = layout.query_chunks(length, chunk_bytes)
+        for head in range(heads):
+            for part in chunks:
+                o, lse_part = _cpu_flash(
+                    layout.queries(q_s[head, part], row_p[head, part],
+                                   col_p[head, part]),
+                    k_aug[head], v_aug[head], scale=1.0)[:2]
+                if lse is None:
+                    lse = lse_part.new_empty(heads, layout.count, length)
+                lse_part = lse_part.view(layout.count, -1)
+                lse[head, :, part] = lse_part
+                o = o.view(layout.count, -1, layout.size)[..., :layout.dv]
+                weights = lse_part.softmax(dim=0).unsqueeze(-1)
+                merged = o[0] * weights[0]
+                for block in range(1, layout.count):
+                    merged.addcmul_(o[block], weights[block])
+                out[head, part] = merged
+        ctx.layout, ctx.chunk_bytes = layout, chunk_bytes
+        ctx.save_for_backward(q_s, k, v, row_s, col_s, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q_s, k, v, row_s, col_s, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        heads, length, dq = q_s.shape
+        count, size, dv = layout.count, layout.size, layout.dv
+        h, w, rows, cols = layout.h, layout.w, layout.rows, layout.cols
+        row_p, col_p = layout.pad_axes(row_s, col_s)
+        k_aug, v_aug = layout.keys(k), layout.values(v)
+        acc = torch.promote_types(q_s.dtype, torch.float32)
+        grad_q = torch.empty_like(q_s)
+        grad_row = torch.empty_like(row_p)
+        grad_col = torch.empty_like(col_p)
+        grad_k = k.new_zeros(heads, count, h * w, dq, dtype=acc)
+        grad_v = v.new_zeros(heads, count, h * w, dv, dtype=acc)
+        grad_out = grad_out.to(q_s.dtype)
+        for head in range(heads):
+            for part in layout.query_chunks(length, ctx.chunk_bytes):
+                q_aug = layout.queries(q_s[head, part], row_p[head, part],
+                                       col_p[head, part])
+                n = q_aug.shape[2]
+                lse_part = lse[head, :, part].contiguous()
+                weights = lse_part.softmax(dim=0).unsqueeze(-1)
+                grad_block = (weights * F.pad(grad_out[head, part],
+                                              (0, size - dv))).to(q_s.dtype)
+                merged = F.pad(out[head, part], (0, size - dv))
+                gq, gk, gv = _cpu_flash_backward(
+                    grad_block.view(count, 1, n, size), q_aug, k_aug[head],
+                    v_aug[head], merged.expand(count, 1, n, size),
+                    lse_part.view(count, 1, n), 0.0, False, scale=1.0)
+                gq = gq.view(rows, cols, n, size)
+                grad_q[head, part] = gq[..., :dq].sum((0, 1))
+                grad_row[head, part] = gq[..., dq:dq + h].sum(1).permute(
+                    1, 0, 2).reshape(n, rows * h)
+                grad_col[head, part] = gq[..., dq + h:dq + h + w].sum(
+                    0).permute(1, 0, 2).reshape(n, cols * w)
+                grad_k[head] += gk.view(count, h * w, size)[..., :dq]
+                grad_v[head] += gv.view(count, h * w, size)[..., :dv]
+        return (grad_q, layout.from_blocks(grad_k).to(k.dtype),
+                layout.from_blocks(grad_v).to(v.dtype),
+                grad_row[..., :layout.height], grad_col[..., :layout.width],
+                None, None, None, None, None)
 
 
 def _key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
@@ -264,11 +459,8 @@ def _key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
     Within a block only ``h`` rows and ``w`` columns occur, so its augmented
     head is ``dq + h + w`` wide instead of ``dq + H + W`` (the one-call
     path's): at a 64x64 map and 16x16 blocks, 48 instead of 144 channels.
-    Every block is attended by all queries in one batched call of PyTorch's
-    CPU flash kernel, which also returns each block's log-sum-exp ``lse_b``;
-    the blocks' outputs ``o_b`` merge exactly as
-    ``sum_b softmax_b(lse_b) o_b``. Keys that pad the map to whole blocks
-    get a logit of ``finfo.min / 4``, a weight of exactly zero. Queries are
+    See :class:`_KeyBlockLayout` for the blocks and
+    :class:`_KeyBlockAttention` for the exact merge and gradient. Queries are
     processed in chunks of about ``chunk_bytes`` of augmented queries.
 
     Args:
@@ -285,64 +477,20 @@ def _key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
     Returns:
         Tensor: ``(N, g, L, dv)``.
     """
-    n, g, length, dq = q_s.shape
+    n, g, length, _ = q_s.shape
     dv = v.shape[-1]
-    h, w = blocks
-    rows, cols = -(-height // h), -(-width // w)
-    n_blocks = rows * cols
-    pad_h, pad_w = rows * h - height, cols * w - width
-    dtype = q_s.dtype
-    width_aug = dq + h + w
-    size = max(width_aug, dv)
-    if pad_h or pad_w:
-        never = torch.finfo(dtype).min / 4
-        row_s = F.pad(row_s, (0, pad_h), value=never)
-        col_s = F.pad(col_s, (0, pad_w), value=never)
-    heads = n * g
-
-    def to_blocks(x):
-        """``(N, g, L, c)`` -> ``(N g, blocks, h w, c)``, zero-padded."""
-        c = x.shape[-1]
-        x = F.pad(x.reshape(heads, height, width, c),
-                  (0, 0, 0, pad_w, 0, pad_h))
-        x = x.view(heads, rows, h, cols, w, c).transpose(2, 3)
-        return x.reshape(heads, n_blocks, h * w, c)
-
-    # keys [k_j, onehot(r_j - r0), onehot(c_j - c0), 0], values [v_j, 0]
-    k_aug = k.new_zeros(heads, n_blocks, h, w, size)
-    k_aug[..., :dq] = to_blocks(k).view(heads, n_blocks, h, w, dq)
-    k_aug[..., dq:dq + h] = torch.eye(h, dtype=dtype)[:, None]
-    k_aug[..., dq + h:width_aug] = torch.eye(w, dtype=dtype)
-    k_aug = k_aug.view(heads, n_blocks, 1, h * w, size)
-    v_aug = F.pad(to_blocks(v), (0, size - dv)).unsqueeze(2)
-
-    q_s = q_s.reshape(heads, length, dq)
-    row_s = row_s.reshape(heads, length, rows, h)
-    col_s = col_s.reshape(heads, length, cols, w)
-    out = q_s.new_empty(heads, length, dv)
     chunk_bytes = KEY_BLOCK_CHUNK_BYTES if chunk_bytes is None else \
         chunk_bytes
-    chunk = max(1, chunk_bytes // (n_blocks * size * q_s.element_size()))
-    for head in range(heads):
-        for start in range(0, length, chunk):
-            part = slice(start, start + chunk)
-            count = min(chunk, length - start)
-            # queries [q_s[i], row_s[i, block rows], col_s[i, block cols], 0]
-            q_aug = q_s.new_empty(rows, cols, count, size)
-            q_aug[..., width_aug:] = 0
-            q_aug[..., :dq] = q_s[head, part]
-            q_aug[..., dq:dq + h] = row_s[head, part].transpose(0, 1)[:, None]
-            q_aug[..., dq + h:width_aug] = \
-                col_s[head, part].transpose(0, 1)[None]
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q_aug.view(n_blocks, 1, count, size), k_aug[head],
-                v_aug[head], scale=1.0)[:2]
-            o = o.view(n_blocks, count, size)[..., :dv]
-            weights = lse.view(n_blocks, count, 1).softmax(dim=0)
-            merged = o[0] * weights[0]
-            for block in range(1, n_blocks):
-                merged.addcmul_(o[block], weights[block])
-            out[head, part] = merged
+
+    def heads(x):
+        return x.reshape(n * g, length, x.shape[-1])
+
+    out = _KeyBlockAttention.apply(heads(q_s), heads(k), heads(v),
+                                   heads(row_s), heads(col_s),
+                                   # plain ints: a jit trace records sizes
+                                   *(int(i) for i in (height, width,
+                                                      *blocks)),
+                                   chunk_bytes)
     return out.view(n, g, length, dv)
 
 
@@ -396,9 +544,11 @@ def fused_attention(q, k, v, position, logit_norm, height, width):
     attention is ``softmax(a q.k + b S_r)`` with per-head scalars ``a, b``:
     from running statistics in eval mode, from closed-form batch statistics
     (:func:`_detection_moments`) in training mode, where the running
-    statistics are updated as ``BatchNorm2d`` would. The attention itself is
-    one :func:`torch.nn.functional.scaled_dot_product_attention` call on
-    augmented queries and keys, so no ``L x L`` tensor is materialised.
+    statistics are updated as ``BatchNorm2d`` would. The attention itself
+    runs on fused attention kernels over augmented queries and keys: one
+    :func:`torch.nn.functional.scaled_dot_product_attention` call, or on the
+    CPU for larger maps :func:`_key_block_attention`. No ``L x L`` tensor is
+    materialised.
 
     Arguments and returns as :func:`reference_attention`.
     """
