@@ -69,13 +69,8 @@ test_dataloader = val_dataloader
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
 
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
-         end=500),
-    dict(type='MultiStepLR', begin=0, end=20, by_epoch=True,
-         milestones=[16, 19], gamma=0.1),
-]
-train_cfg = dict(max_epochs=20)
+# 20 epochs, lr x0.1 after epochs 16 and 19, 500 iterations of linear
+# warm-up: the schedule of mmdet::_base_/schedules/schedule_20e.py
 
 # 8 GPUs x 1 image
 auto_scale_lr = dict(enable=False, base_batch_size=8)
