@@ -226,17 +226,20 @@ def block_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
-def test_layer_takes_key_blocks_and_equals_reference(block_calls, training):
+@pytest.mark.parametrize('mode', ['train', 'train-with_cp', 'eval'])
+def test_layer_takes_key_blocks_and_equals_reference(block_calls, mode):
     """A LESA layer at a 40x40 map (blocks of 14x14, overhanging by 2):
     outputs, input and parameter gradients and running statistics equal
-    the reference kernel's in float64."""
+    the reference kernel's in float64 (with checkpointing, the forward runs
+    again in the backward)."""
     fused, reference = fused_and_reference(16, 32, 2, 'detection_qr', 40)
-    fused.train(training).double()
-    reference.train(training).double()
+    for layer in (fused, reference):
+        layer.train(mode != 'eval').double()
+        layer.with_cp = mode.endswith('with_cp')
     x = torch.randn(2, 16, 40, 40, dtype=torch.float64)
     assert_same_step(fused, reference, x, tol=1e-12)
-    assert block_calls == [(14, 14)]
+    runs = 2 if mode.endswith('with_cp') else 1
+    assert block_calls == [(14, 14)] * runs
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
