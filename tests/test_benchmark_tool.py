@@ -94,9 +94,27 @@ def test_failed_cell_is_reported(tool):
     assert 'failed: ValueError' in rows[0]
 
 
+def test_height_and_width(tool):
+    """``--size H W``: a 40x24 map (the CPU's fused kernel runs it in key
+    blocks) in both modes, agreeing with the reference."""
+    out = io.StringIO()
+    argv = TINY[:2] + ['--size', '40', '24'] + TINY[4:] + ['--in-process']
+    assert tool.main(argv, out=out) == 0
+    rows = table_rows(out.getvalue())
+    assert sorted((r[0], r[1]) for r in rows) == [
+        ('eval', '1x32x40x24'), ('eval', '1x32x40x24'),
+        ('train', '2x32x40x24'), ('train', '2x32x40x24')]
+    for row in rows:
+        if row[2] == 'fused':
+            errors = [row[8]] + ([row[9]] if row[0] == 'train' else [])
+            assert all(0 <= float(e) < 1e-4 for e in errors), row
+
+
 @pytest.mark.parametrize('argv', [
     ['--channels', '36', '--groups', '4'],  # not a multiple of 2 * groups
     ['--subject', 'backbone', '--image-size', '100'],
+    ['--subject', 'backbone', '--image-size', '256', '100'],
+    ['--size', '8', '8', '8'],
     ['--impl', 'fused,fast'],
     ['--repeats', '0'],
     ['--mode', 'predict'],

@@ -50,6 +50,20 @@ def test_detection_output_shapes_and_strided_lesa():
                                               (2, 2048, 2, 2)]
 
 
+def test_landscape_feat_sizes():
+    """Height-and-width feature sizes (a landscape detection input): the
+    strided first LESA block of stage 4 attends at twice its output size."""
+    model = LESAResNet(depth=50, strides=(1, 2, 2, 2),
+                       feat_sizes=((16, 24), (8, 12), (4, 6), (2, 3)),
+                       pe_type='detection_qr', out_indices=(3, )).eval()
+    assert model.layer4[0].conv2.feat_size == (4, 6)
+    assert model.layer4[1].conv2.feat_size == (2, 3)
+    assert model.layer3[1].conv2.binary.position.rel_width.shape[0] == 11
+    with torch.no_grad():
+        out, = model(torch.randn(1, 3, 64, 96))
+    assert out.shape == (1, 2048, 2, 3)
+
+
 def test_detection_train_step_has_gradients_everywhere():
     model = LESAResNet(depth=50, with_cp=True, **DET_SMALL).train()
     outs = model(torch.randn(2, 3, 64, 64))

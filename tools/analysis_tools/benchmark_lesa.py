@@ -6,10 +6,10 @@ Times and measures the peak memory of the binary term's two kernels,
 
 * ``layer``: one :class:`lesa_mm.models.LESA` layer (``detection_qr``
   position encoding, ``--channels`` in and out, ``--groups`` heads) on a
-  ``--size`` x ``--size`` feature map;
+  ``--size H [W]`` feature map;
 * ``backbone``: the LESA-ResNet-50 detection backbone
   (``strides=(1, 2, 2, 2)``, ``detection_qr``, all four outputs) on an
-  ``--image-size`` x ``--image-size`` image;
+  ``--image-size H [W]`` image;
 
 in ``eval`` mode (``model.eval()`` under ``torch.no_grad()``) and ``train``
 mode (``model.train()``, forward + backward of the sum of the outputs'
@@ -50,6 +50,9 @@ Examples (the defaults reproduce the project targets)::
     # the detection backbone at 512x512, fused kernel only
     python tools/analysis_tools/benchmark_lesa.py --subject backbone \\
         --image-size 512 --impl fused
+
+    # the stage-3 map of a 1333x800 keep-ratio input (padded to 800x1344)
+    python tools/analysis_tools/benchmark_lesa.py --subject layer --size 50 84
 
     # a custom layer
     python tools/analysis_tools/benchmark_lesa.py --subject layer --size 32 \\
@@ -111,6 +114,14 @@ def _randomise_norms(model, seed):
                         low, high, generator=gen))
 
 
+def _height_width(size):
+    """``(H, W)`` of a size given as one side or as height and width."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size if len(size) == 2 else (size[0], size[0])
+    return int(height), int(width)
+
+
 def build_subject(spec, impl):
     """Build the model and input of one cell.
 
@@ -125,19 +136,21 @@ def build_subject(spec, impl):
     """
     from lesa_mm.models import LESA, LESAResNet
     torch.manual_seed(spec['seed'])
-    size, batch = spec['size'], spec['batch']
+    (height, width), batch = _height_width(spec['size']), spec['batch']
     if spec['subject'] == 'layer':
         channels = spec['channels']
-        model = LESA(channels, channels, size, groups=spec['groups'],
-                     pe_type='detection_qr', attn_impl=impl)
-        x = torch.randn(batch, channels, size, size)
+        model = LESA(channels, channels, (height, width),
+                     groups=spec['groups'], pe_type='detection_qr',
+                     attn_impl=impl)
+        x = torch.randn(batch, channels, height, width)
     elif spec['subject'] == 'backbone':
         model = LESAResNet(
             depth=50, strides=(1, 2, 2, 2),
-            feat_sizes=tuple(size // s for s in (4, 8, 16, 32)),
+            feat_sizes=tuple((height // s, width // s)
+                             for s in (4, 8, 16, 32)),
             pe_type='detection_qr', lesa_groups=spec['groups'],
             out_indices=(0, 1, 2, 3), attn_impl=impl)
-        x = torch.randn(batch, 3, size, size)
+        x = torch.randn(batch, 3, height, width)
     else:
         raise ValueError(f"subject must be one of {SUBJECTS}, got "
                          f"{spec['subject']!r}")
@@ -423,6 +436,7 @@ def cell_specs(args, subject, mode, device):
     else:
         size, batch = BACKBONE_DEFAULTS[mode]
         size = args.image_size or size
+    size = list(_height_width(size))
     return dict(subject=subject, mode=mode, device=device, size=size,
                 batch=args.batch or batch, channels=args.channels,
                 groups=args.groups, warmup=args.warmup, repeats=args.repeats,
@@ -445,7 +459,8 @@ def combine_rounds(rounds):
 def describe_input(spec):
     """E.g. ``1x256x64x64`` (the input shape)."""
     channels = spec['channels'] if spec['subject'] == 'layer' else 3
-    return f"{spec['batch']}x{channels}x{spec['size']}x{spec['size']}"
+    height, width = _height_width(spec['size'])
+    return f"{spec['batch']}x{channels}x{height}x{width}"
 
 
 def _fmt(value, pattern):
@@ -684,12 +699,15 @@ def build_parser():
                         default='all',
                         help="'all' is the CPU plus CUDA when available "
                         '(default: %(default)s)')
-    parser.add_argument('--size', type=_positive_int, default=None,
-                        help='layer: feature-map height = width (default: '
-                        '64 in eval, 48 in train mode)')
-    parser.add_argument('--image-size', type=_positive_int, default=None,
-                        help='backbone: input height = width, a multiple of '
-                        '32 (default: 256)')
+    parser.add_argument('--size', type=_positive_int, nargs='+',
+                        default=None, metavar=('H', 'W'),
+                        help='layer: feature-map height and width, W '
+                        'defaulting to H (default: 64 in eval, 48 in train '
+                        'mode)')
+    parser.add_argument('--image-size', type=_positive_int, nargs='+',
+                        default=None, metavar=('H', 'W'),
+                        help='backbone: input height and width, W defaulting '
+                        'to H, multiples of 32 (default: 256)')
     parser.add_argument('--batch', type=_positive_int, default=None,
                         help='batch size (default: layer 1 in eval, 2 in '
                         'train mode; backbone 1)')
@@ -743,11 +761,17 @@ def validate_args(args):
         raise ValueError(
             f'--channels ({args.channels}) must be a multiple of 2 * --groups '
             f'({2 * args.groups}): half of each head is query/key')
+    for name, size in (('--size', args.size),
+                       ('--image-size', args.image_size)):
+        if size is not None and len(size) > 2:
+            raise ValueError(f'{name} takes a height and at most a width, '
+                             f'got {len(size)} numbers: {size}')
     if args.subject in ('backbone', 'all'):
-        size = args.image_size or BACKBONE_DEFAULTS['eval'][0]
-        if size % 32 != 0:
-            raise ValueError(f'--image-size ({size}) must be a multiple of 32 '
-                             f'(the backbone has output stride 32)')
+        size = args.image_size or [BACKBONE_DEFAULTS['eval'][0]]
+        if any(s % 32 != 0 for s in size):
+            raise ValueError(f'--image-size ({" ".join(map(str, size))}) '
+                             f'must be multiples of 32 (the backbone has '
+                             f'output stride 32)')
         if 256 % (2 * args.groups) != 0:
             raise ValueError(f'--groups ({args.groups}) must divide 128 for '
                              f'the backbone (its narrowest LESA stage has '

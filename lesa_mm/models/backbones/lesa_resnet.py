@@ -10,6 +10,7 @@ import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import constant_init
+from mmengine.utils import to_2tuple
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import register_backbone
@@ -113,9 +114,10 @@ class LESAResNet(BaseModule):
             channels; 128 gives WRN-50-2. Defaults to 64.
         strides (Sequence[int]): Stride of each stage.
             Defaults to ``(1, 2, 2, 1)``.
-        feat_sizes (Sequence[int]): Output feature size of each stage; a
-            LESA layer's position tables are built for its *input* size
-            (``feat_size * stride`` for a strided first block).
+        feat_sizes (Sequence[int | tuple[int, int]]): Output feature size
+            (side, or height and width) of each stage; a LESA layer's
+            position tables are built for its *input* size (``feat_size *
+            stride`` for a strided first block).
             Defaults to ``(56, 28, 14, 14)`` (224 input, output stride 16).
         stage_with_lesa (Sequence[bool]): Stages whose 3x3 convs are LESA
             layers. Defaults to ``(False, False, True, True)``.
@@ -252,7 +254,10 @@ class LESAResNet(BaseModule):
             block_lesa = None
             if lesa is not None and not (b == 0 and first_conv):
                 # a strided LESA layer attends before it pools
-                block_lesa = dict(lesa, feat_size=feat_size * block_stride)
+                block_lesa = dict(
+                    lesa,
+                    feat_size=tuple(s * block_stride
+                                    for s in to_2tuple(feat_size)))
             blocks.append(
                 LESABottleneck(
                     in_channels if b == 0 else out_channels, planes, width,
