@@ -1,8 +1,9 @@
 """Benchmark LESA's fused attention kernel against the reference kernel.
 
 Times and measures the peak memory of the binary term's two kernels,
-``attn_impl='fused'`` (exact, no ``L x L`` tensor) and
-``attn_impl='reference'`` (the spec's direct formulation), on
+``attn_impl='fused'`` (exact, no ``L x L`` tensor; on the CPU, maps whose
+key blocks at least halve its head width, such as 64x64, run in key blocks)
+and ``attn_impl='reference'`` (the spec's direct formulation), on
 
 * ``layer``: one :class:`lesa_mm.models.LESA` layer (``detection_qr``
   position encoding, ``--channels`` in and out, ``--groups`` heads) on a
