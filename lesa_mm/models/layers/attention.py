@@ -191,14 +191,6 @@ def _detection_moments_exact(q, k, row, col):
     return torch.cat([qk_sum, pos_sum]), torch.cat([qk_sq, pos_sq]), count
 
 
-def _axis_indicators(height, width, device, dtype):
-    """One-hot row and column indicators of every key ``(L, H + W)``."""
-    rows = torch.arange(height, device=device).repeat_interleave(width)
-    cols = torch.arange(width, device=device).repeat(height)
-    return torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)],
-                     dim=-1).to(dtype)
-
-
 def _fused_detection(q, k, v, position, logit_norm, height, width):
     n, g, dq, length = q.shape
     dv = v.shape[2]
@@ -218,19 +210,13 @@ def _fused_detection(q, k, v, position, logit_norm, height, width):
         out = _key_block_attention(q_s, k_t, v_t, row_s, col_s, height,
                                    width, blocks)
         return out.transpose(-1, -2)
-    # one attention call: queries [a q_i, b R[i], b C[i]] against keys
-    # [k_j, onehot(r_j), onehot(c_j)]
-    q_aug = torch.cat([q_s, row_s, col_s], dim=-1)
-    indicators = _axis_indicators(height, width, q.device, dtype)
-    k_aug = torch.cat(
-        [k_t, indicators.expand(n, g, length, height + width)], dim=-1)
-    # some fused kernels need equal query/key and value head sizes: pad the
-    # smaller with zeros (zero columns add nothing to the logits)
-    size = max(q_aug.shape[-1], dv)
-    q_aug = F.pad(q_aug, (0, size - q_aug.shape[-1]))
-    k_aug = F.pad(k_aug, (0, size - k_aug.shape[-1]))
-    v_pad = F.pad(v_t, (0, size - dv))
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)
+    # one attention call: the whole map is one block, queries
+    # [a q_i, b R[i], b C[i]] against keys [k_j, onehot(r_j), onehot(c_j)]
+    layout = _KeyBlockLayout(height, width, (height, width), dq, dv, dtype)
+    q_aug = layout.queries(q_s, row_s, col_s).squeeze(2)
+    k_aug = layout.keys(_flat_heads(k_t)).view(n, g, length, layout.size)
+    v_aug = layout.values(_flat_heads(v_t)).view(n, g, length, layout.size)
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)
     return out[..., :dv].transpose(-1, -2)
 
 
@@ -247,6 +233,12 @@ _cpu_flash = getattr(torch.ops.aten,
 _cpu_flash_backward = getattr(
     torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward',
     None)
+
+
+def _flat_heads(x):
+    """``(N, g, L, c)`` -> ``(N g, L, c)``."""
+    n, g, length, c = x.shape
+    return x.reshape(n * g, length, c)
 
 
 def _block_side(size, target):
@@ -274,16 +266,18 @@ def _key_blocks(q_s, height, width, target=None):
 
 class _KeyBlockLayout:
     """Keys of an ``H x W`` map split into ``h x w`` blocks, and the
-    augmented queries, keys and values of each block.
+    augmented queries, keys and values of each block (the one-call path is
+    the single ``H x W`` block).
 
     A block holds only ``h`` rows and ``w`` columns, so the queries
     ``[q_s[i], row_s[i, block rows], col_s[i, block cols]]`` against the keys
     ``[k_j, onehot(r_j - r0), onehot(c_j - c0)]`` give every logit
     ``q_s[i].k_j + row_s[i, r_j] + col_s[i, c_j]`` of the block with heads
-    ``dq + h + w`` wide (zero-padded to the value width where that is
-    larger). Keys that pad the map to whole blocks get a logit of
-    ``finfo.min / 4``, a weight of exactly zero; every block holds at least
-    one real key.
+    ``dq + h + w`` wide, zero-padded to the value width where that is larger
+    (fused kernels need equal query/key and value head sizes; zero channels
+    add nothing to the logits). Keys that pad the map to whole blocks get a
+    logit of ``finfo.min / 4``, a weight of exactly zero; every block holds
+    at least one real key.
     """
 
     def __init__(self, height, width, blocks, dq, dv, dtype):
@@ -336,19 +330,19 @@ class _KeyBlockLayout:
         return F.pad(self.to_blocks(v), (0, self.size - self.dv)).unsqueeze(2)
 
     def queries(self, q_s, row_s, col_s):
-        """Augmented queries ``(blocks, 1, n, size)`` of one head's ``n``
-        queries ``q_s (n, dq)``, ``row_s (n, rows h)``, ``col_s (n, cols
-        w)``."""
+        """Augmented queries ``(..., blocks, n, size)`` of ``n`` queries
+        ``q_s (..., n, dq)``, ``row_s (..., n, rows h)``, ``col_s (..., n,
+        cols w)``."""
         h, w, dq = self.h, self.w, self.dq
-        n = q_s.shape[0]
-        q_aug = q_s.new_empty(self.rows, self.cols, n, self.size)
+        *lead, n, _ = q_s.shape
+        q_aug = q_s.new_empty(*lead, self.rows, self.cols, n, self.size)
         q_aug[..., self.width_aug:] = 0
-        q_aug[..., :dq] = q_s
-        q_aug[..., dq:dq + h] = \
-            row_s.view(n, self.rows, h).transpose(0, 1)[:, None]
-        q_aug[..., dq + h:self.width_aug] = \
-            col_s.view(n, self.cols, w).transpose(0, 1)[None]
-        return q_aug.view(self.count, 1, n, self.size)
+        q_aug[..., :dq] = q_s[..., None, None, :, :]
+        q_aug[..., dq:dq + h] = row_s.unflatten(-1, (self.rows, h)).movedim(
+            -2, -3).unsqueeze(-3)
+        q_aug[..., dq + h:self.width_aug] = col_s.unflatten(
+            -1, (self.cols, w)).movedim(-2, -3).unsqueeze(-4)
+        return q_aug.flatten(-4, -3)
 
     def query_chunks(self, length, chunk_bytes):
         """Slices of about ``chunk_bytes`` of augmented queries."""
@@ -390,7 +384,7 @@ class _KeyBlockAttention(torch.autograd.Function):
             for part in chunks:
                 o, lse_part = _cpu_flash(
                     layout.queries(q_s[head, part], row_p[head, part],
-                                   col_p[head, part]),
+                                   col_p[head, part]).unsqueeze(1),
                     k_aug[head], v_aug[head], scale=1.0)[:2]
                 if lse is None:
                     lse = lse_part.new_empty(heads, layout.count, length)
@@ -426,7 +420,7 @@ class _KeyBlockAttention(torch.autograd.Function):
         for head in range(heads):
             for part in layout.query_chunks(length, ctx.chunk_bytes):
                 q_aug = layout.queries(q_s[head, part], row_p[head, part],
-                                       col_p[head, part])
+                                       col_p[head, part]).unsqueeze(1)
                 n = q_aug.shape[2]
                 lse_part = lse[head, :, part].contiguous()
                 weights = lse_part.softmax(dim=0).unsqueeze(-1)
@@ -481,12 +475,8 @@ def _key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
     dv = v.shape[-1]
     chunk_bytes = KEY_BLOCK_CHUNK_BYTES if chunk_bytes is None else \
         chunk_bytes
-
-    def heads(x):
-        return x.reshape(n * g, length, x.shape[-1])
-
-    out = _KeyBlockAttention.apply(heads(q_s), heads(k), heads(v),
-                                   heads(row_s), heads(col_s),
+    out = _KeyBlockAttention.apply(*map(_flat_heads,
+                                        (q_s, k, v, row_s, col_s)),
                                    # plain ints: a jit trace records sizes
                                    *(int(i) for i in (height, width,
                                                       *blocks)),
