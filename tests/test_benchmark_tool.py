@@ -3,27 +3,21 @@
 Checks the tables' structure and the fused-vs-reference agreement; never
 the timings.
 """
-import importlib.util
 import io
 import math
-import os
 import re
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_tool
 
-TOOL = os.path.join(REPO_ROOT, 'tools', 'analysis_tools', 'benchmark_lesa.py')
 TINY = ['--subject', 'layer', '--size', '8', '--channels', '32', '--groups',
         '4', '--repeats', '1', '--warmup', '0', '--device', 'cpu']
 
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('benchmark_lesa', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/benchmark_lesa.py')
 
 
 def table_rows(text):

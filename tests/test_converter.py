@@ -1,5 +1,4 @@
 """The converter on synthetic checkpoints in the reference layout."""
-import importlib.util
 import os
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torchvision
 from mmengine.runner import load_checkpoint
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 from lesa_mm.utils import build_model_from_config, check_against_model
 from spec_reference import reference_state_dict
 
@@ -15,16 +14,7 @@ CFG_R50 = os.path.join(REPO_ROOT, 'configs/lesa/lesa-resnet50_4xb32_in1k.py')
 CFG_WRN = os.path.join(REPO_ROOT, 'configs/lesa/lesa-wrn50_4xb32_in1k.py')
 
 
-def load_tool():
-    path = os.path.join(REPO_ROOT,
-                        'tools/model_converters/lesa_official_to_mm.py')
-    spec = importlib.util.spec_from_file_location('lesa_official_to_mm', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_tool('tools/model_converters/lesa_official_to_mm.py')
 
 
 def reference_classifier_checkpoint(wide=False, wrap='net', prefix='module.'):

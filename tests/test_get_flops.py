@@ -4,7 +4,6 @@ The handle tests trace tiny modules and compare with counts worked out by
 hand; the table tests run the tool on the demo configs at their (small)
 native sizes.
 """
-import importlib.util
 import io
 import os
 
@@ -13,9 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
-TOOL = os.path.join(REPO_ROOT, 'tools', 'analysis_tools', 'get_flops.py')
 DET_DEMO = os.path.join(REPO_ROOT, 'configs', 'demo',
                         'mask-rcnn_lesa-r50-slim_shapes.py')
 CLS_DEMO = os.path.join(REPO_ROOT, 'configs', 'demo',
@@ -25,10 +23,7 @@ STAGES = ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('get_flops', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/get_flops.py')
 
 
 class Fn(nn.Module):

@@ -2,7 +2,6 @@
 tools/visualize_lesa.py, demo/image_demo.py,
 tools/analysis_tools/plot_curves.py, and the optional TensorBoard backend /
 curves hook of lesa_mm.utils.vis_backends."""
-import importlib.util
 import json
 import os
 import types
@@ -14,21 +13,12 @@ import torch
 from mmengine.config import Config
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 from lesa_mm.utils import build_model_from_config
 
 DEMO_DET = os.path.join(REPO_ROOT,
                         'configs/demo/mask-rcnn_lesa-r50-slim_shapes.py')
 DEMO_CLS = os.path.join(REPO_ROOT, 'configs/demo/lesa-resnet50-slim_shapes.py')
-
-
-def load_tool(relpath):
-    path = os.path.join(REPO_ROOT, relpath)
-    name = 'tool_' + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
