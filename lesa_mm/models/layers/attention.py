@@ -378,7 +378,10 @@ class _KeyBlockAttention(torch.autograd.Function):
         row_p, col_p = layout.pad_axes(row_s, col_s)
         k_aug, v_aug = layout.keys(k), layout.values(v)
         out = q_s.new_empty(heads, length, layout.dv)
-        lse = None
+        # the kernel's log-sum-exp is float32 for half-precision inputs
+        lse = q_s.new_empty(heads, layout.count, length,
+                            dtype=torch.promote_types(q_s.dtype,
+                                                      torch.float32))
         chunks = layout.query_chunks(length, chunk_bytes)
         for head in range(heads):
             for part in chunks:
@@ -386,8 +389,6 @@ class _KeyBlockAttention(torch.autograd.Function):
                     layout.queries(q_s[head, part], row_p[head, part],
                                    col_p[head, part]).unsqueeze(1),
                     k_aug[head], v_aug[head], scale=1.0)[:2]
-                if lse is None:
-                    lse = lse_part.new_empty(heads, layout.count, length)
                 lse_part = lse_part.view(layout.count, -1)
                 lse[head, :, part] = lse_part
                 o = o.view(layout.count, -1, layout.size)[..., :layout.dv]
