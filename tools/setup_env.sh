@@ -62,7 +62,14 @@ pip install -q "$mmcv_wheel" \
   "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmpretrain==$MMPRETRAIN_VERSION" \
   "torch===$TORCH_VERSION" "torchvision===$TORCHVISION_VERSION" \
   "numpy<2" "opencv-python<4.12" pycocotools pytest
-pip install -q --no-deps --no-build-isolation -e .
+# lesa_mm itself with its `deploy` (onnx, onnxruntime, onnxscript) and
+# `tests` extras. Its install_requires are ranges that the packages above
+# satisfy, so pip keeps them; torch, torchvision, numpy and opencv are
+# restated so that no extra's dependency can replace them.
+log "installing lesa_mm with the deploy and tests extras"
+pip install -q --no-build-isolation -e ".[deploy,tests]" \
+  "torch===$TORCH_VERSION" "torchvision===$TORCHVISION_VERSION" \
+  "numpy<2" "opencv-python<4.12"
 # MMEngine resolves `with read_base(): from lesa_mm.configs... import *` by
 # looking for site-packages/lesa_mm, which a PEP 660 editable install does
 # not create: point it at the repository's package.
@@ -73,9 +80,12 @@ fi
 
 "$py" - <<'PY'
 import mmcv, mmdet, mmengine, mmpretrain, torch, torchvision
+import onnx, onnxruntime, onnxscript
 from mmcv.ops import DeformConv2d  # noqa: F401  (fails if the ops were not compiled)
 import lesa_mm
 print(f'[setup_env] ready: torch {torch.__version__}, torchvision {torchvision.__version__}, '
       f'mmcv {mmcv.__version__} (ops), mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
-      f'mmpretrain {mmpretrain.__version__}, lesa_mm {lesa_mm.__version__}')
+      f'mmpretrain {mmpretrain.__version__}, lesa_mm {lesa_mm.__version__}, '
+      f'onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, '
+      f'onnxscript {onnxscript.__version__}')
 PY
