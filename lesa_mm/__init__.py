@@ -3,6 +3,12 @@ MMPretrain 1.x. Importing the package registers the LESA layer and the
 LESA-ResNet backbones (``custom_imports=dict(imports=['lesa_mm'])``)."""
 __version__ = '0.1.0'
 
+from .version import check_versions  # noqa: E402
+
+# fail here, naming the installed version and the supported range, rather
+# than somewhere inside mmcv, mmdet or mmpretrain
+check_versions()
+
 from . import models  # noqa: F401,E402  (registers everything)
 from .utils.safe_load import allow_mmengine_checkpoints  # noqa: E402
 

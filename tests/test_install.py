@@ -1,0 +1,159 @@
+"""Installing lesa_mm into someone else's environment: the package metadata
+states version ranges (never pins, never replacing torch), ``pip install``
+into an environment that already has OpenMMLab fetches and replaces nothing,
+and ``import lesa_mm`` refuses unsupported OpenMMLab versions with a clear
+message."""
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from conftest import REPO_ROOT
+from lesa_mm.version import SUPPORTED_VERSIONS, check_versions
+
+
+def setup_cfg_requirements(section='options', key='install_requires'):
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(REPO_ROOT, 'setup.cfg'))
+    lines = [ln.strip() for ln in parser[section][key].splitlines()]
+    reqs = [Requirement(ln) for ln in lines if ln and not ln.startswith('#')]
+    return {r.name: r for r in reqs}
+
+
+def test_setup_cfg_ranges_agree_with_the_import_check():
+    reqs = setup_cfg_requirements()
+    assert set(reqs) == {'torch', 'mmengine', 'mmcv', 'mmdet', 'mmpretrain',
+                         'pycocotools'}
+    for name, (low, high) in SUPPORTED_VERSIONS.items():
+        assert reqs[name].specifier == SpecifierSet(f'>={low},<{high}'), name
+    # ranges, not pins; and never an upper bound that would replace torch
+    for req in reqs.values():
+        assert not any(s.operator in ('==', '===', '~=')
+                       for s in req.specifier), req
+    assert reqs['torch'].specifier == SpecifierSet('>=2.4')
+    extras = setup_cfg_requirements('options.extras_require', 'deploy')
+    assert set(extras) == {'onnx', 'onnxruntime', 'onnxscript'}
+    assert 'pytest' in setup_cfg_requirements('options.extras_require',
+                                              'tests')
+    assert 'tensorboard' in setup_cfg_requirements('options.extras_require',
+                                                   'tensorboard')
+
+
+def test_installed_versions_are_supported():
+    import mmcv
+    import mmdet
+    import mmengine
+    import mmpretrain
+    reqs = setup_cfg_requirements()
+    for module in (mmcv, mmengine, mmdet, mmpretrain):
+        assert module.__version__ in reqs[module.__name__].specifier
+    check_versions()  # does not raise
+
+
+@pytest.mark.parametrize('name,version', [('mmcv', '2.2.0'),
+                                          ('mmcv', '1.7.2'),
+                                          ('mmdet', '2.28.2'),
+                                          ('mmpretrain', '0.25.0'),
+                                          ('mmengine', '1.0.0')])
+def test_unsupported_version_is_refused_by_name(monkeypatch, name, version):
+    module = __import__(name)
+    monkeypatch.setattr(module, '__version__', version)
+    low, high = SUPPORTED_VERSIONS[name]
+    with pytest.raises(ImportError) as info:
+        check_versions()
+    message = str(info.value)
+    assert f'{name}=={version} is installed' in message
+    assert f'{name}>={low},<{high}' in message
+
+
+def test_import_lesa_mm_fails_clearly_on_an_unsupported_mmcv():
+    # the real import path, in a fresh interpreter: mmcv reports 2.2.0
+    code = ("import mmcv; mmcv.__version__ = '2.2.0'\n"
+            "import lesa_mm\n")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('ImportError: mmcv==2.2.0 is installed, but '
+                           'lesa_mm'), proc.stderr[-2000:]
+    assert 'mmcv>=2.0.0,<2.2.0' in last
+
+
+def copy_repository(dest):
+    """The repository's files (tracked, and new ones git does not ignore),
+    so that building from the copy leaves the working tree untouched."""
+    files = subprocess.run(
+        ['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+        cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for rel in files.decode().split('\0'):
+        src = os.path.join(REPO_ROOT, rel)
+        if not rel or not os.path.lexists(src):
+            continue  # deleted in the working tree
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), target)
+        elif os.path.isfile(src):
+            shutil.copy2(src, target)
+
+
+def test_pip_install_into_an_environment_with_openmmlab(tmp_path):
+    """A downstream user's environment that already has torch and OpenMMLab
+    (here: a fresh virtual environment that sees the set-up's site-packages
+    through a .pth file) gets lesa_mm and its extras from ``pip install
+    --no-index``: every requirement is already satisfied, so nothing is
+    fetched, and nothing (torch above all) is replaced."""
+    import torch
+    src, venv = tmp_path / 'lesa_mm_src', tmp_path / 'venv'
+    copy_repository(src)
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)],
+                   check=True, timeout=120)
+    python = str(venv / 'bin' / 'python')
+    site = subprocess.run(
+        [python, '-c', 'import sysconfig; '
+         'print(sysconfig.get_paths()["purelib"])'],
+        capture_output=True, text=True, check=True).stdout.strip()
+    shared = sysconfig.get_paths()['purelib']  # the set-up's site-packages
+    with open(os.path.join(site, 'openmmlab_env.pth'), 'w') as f:
+        f.write(shared + '\n')
+    # pip itself comes from the shared site-packages too
+    proc = subprocess.run(
+        [python, '-m', 'pip', 'install', '--no-index', '--no-build-isolation',
+         '--no-cache-dir', f'{src}[deploy,tests]'],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    installed = [ln for ln in out.splitlines()
+                 if ln.startswith('Successfully installed')]
+    assert installed == ['Successfully installed lesa_mm-0.1.0'] or \
+        installed == ['Successfully installed lesa-mm-0.1.0'], out[-4000:]
+    assert 'Uninstalling' not in out
+    for name in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmpretrain',
+                 'pycocotools', 'onnx', 'onnxruntime', 'onnxscript', 'pytest'):
+        assert f'Requirement already satisfied: {name}' in out, name
+    check = textwrap.dedent("""
+        import lesa_mm, torch
+        from lesa_mm.configs.loader import config_path
+        print(lesa_mm.__file__)
+        print(torch.__file__)
+        print(torch.__version__)
+        print(config_path('lesa/mask-rcnn_lesa-r50.py'))
+    """)
+    proc = subprocess.run([python, '-c', check], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lesa_file, torch_file, torch_version, config = \
+        proc.stdout.strip().splitlines()[-4:]
+    # lesa_mm from the new environment (not the repository, not the set-up)
+    assert lesa_file.startswith(site), lesa_file
+    # torch is still the set-up's own
+    assert torch_file.startswith(shared) and torch_version == torch.__version__
+    # the classic configs were packaged
+    assert config.startswith(site) and os.path.isfile(config)
