@@ -1,9 +1,10 @@
-"""An independent, deliberately naive implementation of LESA_SPEC.md.
+"""An independent, deliberately naive implementation of the LESA layer as
+``docs/lesa.md`` (sections 1-5) states it.
 
-It works on *reference-layout* weights (the authors' key names, spec section
-6) and builds every relative-position index with explicit Python loops, so it
-shares no code with lesa_mm. Tests compare lesa_mm (loaded through the
-converter) against it.
+It works on *reference-layout* weights (the authors' key names,
+``docs/lesa.md`` section 8) and builds every relative-position index with
+explicit Python loops, so it shares no code with lesa_mm. Tests compare
+lesa_mm (loaded through the converter) against it.
 """
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
-"""Conversion of the LESA authors' checkpoints (``LESA_SPEC.md`` section 6)
-into lesa_mm's parameter names.
+"""Conversion of the LESA authors' checkpoints (their layout:
+``docs/lesa.md``, section 8) into lesa_mm's parameter names.
 
 The reference models use torchvision ResNet names, which
 :class:`~lesa_mm.models.LESAResNet` shares; only the LESA layers (each a
