@@ -23,6 +23,24 @@ model = dict(
         out_indices=(3, )),
     head=dict(in_channels=2048))
 
+# The authors resize with torchvision on PIL images: resize with Pillow
+# (MMPretrain's default, cv2, interpolates differently).
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='RandomResizedCrop', scale=224, backend='pillow'),
+    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='PackInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='ResizeEdge', scale=256, edge='short', backend='pillow'),
+    dict(type='CenterCrop', crop_size=224),
+    dict(type='PackInputs'),
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
 optim_wrapper = dict(
     optimizer=dict(
         type='SGD', lr=0.05, momentum=0.9, nesterov=True,
@@ -40,6 +58,13 @@ param_scheduler = [
 train_cfg = dict(by_epoch=True, max_epochs=95, val_interval=1)
 val_cfg = dict()
 test_cfg = dict()
+
+# keep the latest epoch (to resume) and the best validation top-1, as the
+# authors keep their last and best checkpoints
+default_hooks = dict(
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1,
+                    save_last=True, save_best='accuracy/top1',
+                    rule='greater'))
 
 # the recipe's total batch: 4 GPUs x 32 images
 auto_scale_lr = dict(base_batch_size=128)
