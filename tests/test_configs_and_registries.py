@@ -1,6 +1,7 @@
 import os
 import textwrap
 
+import numpy as np
 import pytest
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
@@ -12,6 +13,17 @@ from lesa_mm.utils import build_model_from_config
 IN1K_CONFIGS = {
     'configs/lesa/lesa-resnet50_4xb32_in1k.py': 23_777_512,
     'configs/lesa/lesa-wrn50_4xb32_in1k.py': 61_145_896,
+    # 'detection_qr' pre-training of the detection backbones: 2-D tables
+    # for 14x14 maps, 2g logit-norm and C output-norm channels
+    'configs/lesa/lesa-resnet50-qr_4xb32_in1k.py': 23_505_992,
+    'configs/lesa/lesa-wrn50-qr_4xb32_in1k.py': 60_602_984,
+}
+# each detection_qr ImageNet config and the classification config it copies
+QR_CONFIGS = {
+    'configs/lesa/lesa-resnet50-qr_4xb32_in1k.py':
+    'configs/lesa/lesa-resnet50_4xb32_in1k.py',
+    'configs/lesa/lesa-wrn50-qr_4xb32_in1k.py':
+    'configs/lesa/lesa-wrn50_4xb32_in1k.py',
 }
 
 
@@ -48,6 +60,55 @@ def test_imagenet_recipe():
     assert cfg.val_evaluator.topk == (1, 5)
     assert cfg.default_scope == 'mmpretrain'
     assert 'lesa_mm' in cfg.custom_imports.imports
+    # the last epoch (to resume) and the best validation top-1 are kept
+    ckpt = cfg.default_hooks.checkpoint
+    assert (ckpt.type, ckpt.interval, ckpt.max_keep_ckpts, ckpt.save_last,
+            ckpt.save_best, ckpt.rule) == ('CheckpointHook', 1, 1, True,
+                                           'accuracy/top1', 'greater')
+
+
+@pytest.mark.parametrize('path,base', QR_CONFIGS.items())
+def test_detection_qr_imagenet_configs_change_only_the_positions(path, base):
+    qr = Config.fromfile(os.path.join(REPO_ROOT, path)).to_dict()
+    cls = Config.fromfile(os.path.join(REPO_ROOT, base)).to_dict()
+    assert qr['model']['backbone'].pop('pe_type') == 'detection_qr'
+    assert cls['model']['backbone'].pop('pe_type') == 'classification'
+    assert qr == cls
+
+
+def _pil_resize(img, size):
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
+
+
+@pytest.mark.parametrize('path', list(IN1K_CONFIGS))
+def test_imagenet_configs_resize_with_pillow(path):
+    """Every resize of the ImageNet pipelines (train, val and test) gives
+    exactly Pillow's bilinear resize, as the authors' torchvision transforms
+    on PIL images do, and not cv2's."""
+    import cv2
+    from mmpretrain.registry import TRANSFORMS
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, path))
+    img = np.random.RandomState(0).randint(0, 256, (320, 480, 3), np.uint8)
+
+    crop = TRANSFORMS.build(cfg.train_dataloader.dataset.pipeline[1])
+    assert type(crop).__name__ == 'RandomResizedCrop'
+    crop.rand_crop_params = lambda _: (10, 20, 200, 300)  # a fixed box
+    out = crop.transform(dict(img=img.copy()))['img']
+    box = np.ascontiguousarray(img[10:210, 20:320])
+    np.testing.assert_array_equal(out, _pil_resize(box, (224, 224)))
+    assert not np.array_equal(
+        out, cv2.resize(box, (224, 224), interpolation=cv2.INTER_LINEAR))
+
+    for loader in ('val_dataloader', 'test_dataloader'):
+        resize_cfg = cfg[loader].dataset.pipeline[1]
+        assert resize_cfg.type == 'ResizeEdge', loader
+        out = TRANSFORMS.build(resize_cfg).transform(dict(img=img.copy()))
+        np.testing.assert_array_equal(out['img'],
+                                      _pil_resize(img, (384, 256)))
+        assert not np.array_equal(
+            out['img'],
+            cv2.resize(img, (384, 256), interpolation=cv2.INTER_LINEAR))
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmpretrain'])

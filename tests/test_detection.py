@@ -19,6 +19,19 @@ ALL_CONFIGS = sorted(
 DET_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
                'configs/lesa/htc_lesa-wrn50.py',
                'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py']
+# the detection_qr ImageNet config that pre-trains each detector's backbone,
+# and the checkpoint path the detector expects it at
+QR_PRETRAINING = {
+    'configs/lesa/mask-rcnn_lesa-r50.py':
+    ('configs/lesa/lesa-resnet50-qr_4xb32_in1k.py',
+     'checkpoints/lesa-resnet50-qr_in1k.pth'),
+    'configs/lesa/htc_lesa-wrn50.py':
+    ('configs/lesa/lesa-wrn50-qr_4xb32_in1k.py',
+     'checkpoints/lesa-wrn50-qr_in1k.pth'),
+    'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py':
+    ('configs/lesa/lesa-resnet50-qr_4xb32_in1k.py',
+     'checkpoints/lesa-resnet50-qr_in1k.pth'),
+}
 
 
 @pytest.mark.parametrize('path', ALL_CONFIGS,
@@ -164,6 +177,127 @@ def test_transfer_report_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r'layer1\.1\.bn2\.bias: missing.*'
                        r'layer2\.0\.conv1\.weight: checkpoint \(3, 3\)'):
         transfer_state_dict(bad, target)
+
+
+@pytest.mark.parametrize('det_path', DET_CONFIGS)
+def test_detectors_start_from_detection_qr_imagenet_models(det_path):
+    imagenet_path, checkpoint = QR_PRETRAINING[det_path]
+    det = Config.fromfile(os.path.join(REPO_ROOT, det_path)).model.backbone
+    assert det.init_cfg == dict(type='Pretrained', checkpoint=checkpoint)
+    # the checkpoint is named after the config that trains it
+    assert os.path.basename(imagenet_path).replace('_4xb32', '') == \
+        os.path.basename(checkpoint).replace('.pth', '.py')
+    cls = Config.fromfile(os.path.join(REPO_ROOT, imagenet_path)).model
+    assert cls.backbone.pe_type == det.pe_type == 'detection_qr'
+    # same network apart from what detection changes
+    for key in ('depth', 'width_per_group', 'stage_with_lesa',
+                'stage_with_first_conv', 'lesa_groups'):
+        assert cls.backbone.get(key, LESA_RESNET_DEFAULTS[key]) == \
+            det.get(key, LESA_RESNET_DEFAULTS[key]), key
+
+
+LESA_RESNET_DEFAULTS = dict(depth=50, width_per_group=64,
+                            stage_with_lesa=(False, False, True, True),
+                            stage_with_first_conv=(True, True, True, False),
+                            lesa_groups=8)
+
+
+def small_qr_imagenet_checkpoint(tmp_path, imagenet_path, width=16):
+    """A slim classifier built from a detection_qr ImageNet config (64x64
+    inputs: LESA maps 4x4), every tensor random, saved as MMPretrain does."""
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, imagenet_path))
+    cfg.model.backbone.update(stem_channels=width, base_channels=width,
+                              feat_sizes=(16, 8, 4, 4))
+    cfg.model.head.update(num_classes=3, in_channels=width * 32)
+    model = build_model_from_config(cfg)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.uniform_(0.5, 1.5)
+    path = tmp_path / 'qr_in1k.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    return model.backbone.state_dict(), str(path)
+
+
+@pytest.mark.parametrize('det_path', DET_CONFIGS[:2])
+def test_detector_from_detection_qr_imagenet_checkpoint(tmp_path, det_path):
+    """The detector's backbone, initialised through its config's init path
+    from a detection_qr ImageNet checkpoint, equals the checkpoint in every
+    tensor except the position tables (trained for 4x4 maps, here 16x16 and
+    8x8) and the deformable offsets an ImageNet model lacks; the log says
+    so."""
+    from mmengine.logging import MMLogger
+    imagenet_path, _ = QR_PRETRAINING[det_path]
+    src, path = small_qr_imagenet_checkpoint(tmp_path, imagenet_path)
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, det_path))
+    backbone_cfg = cfg.model.backbone.to_dict()
+    assert backbone_cfg.pop('type') == 'LESAResNet'
+    backbone_cfg.update(stem_channels=16, base_channels=16,
+                        feat_sizes=(64, 32, 16, 8))  # 256x256 inputs
+    backbone_cfg['init_cfg']['checkpoint'] = path
+    det = LESAResNet(**backbone_cfg)
+    log_file = tmp_path / 'transfer.log'
+    # the current logger, which the transfer logs to
+    MMLogger.get_instance(str(log_file), log_file=str(log_file))
+    det.init_weights()
+
+    dst = det.state_dict()
+    tables = [k for k in dst if '.binary.position.' in k]
+    offsets = [k for k in dst if '.conv_offset.' in k]
+    assert len(tables) == 16 and len(offsets) == 2 * (4 + 6 + 3)
+    assert sorted(src) == sorted(set(dst) - set(offsets))
+    unchanged = 0
+    for key, value in dst.items():
+        if key in tables:  # fresh tables of the detector's sizes
+            assert value.shape[0] in (2 * 16 - 1, 2 * 8 - 1), key
+            assert src[key].shape[0] == 2 * 4 - 1, key
+            assert 0.1 < value.std() / value.shape[1]**-0.5 < 10, key
+        elif key in offsets:
+            assert torch.all(value == 0), key
+        else:
+            assert torch.equal(value, src[key]), key
+            unchanged += 1
+    # the loaded backbone runs (positions re-read at the detector's size)
+    det.eval()
+    with torch.no_grad():
+        outs = det(torch.randn(1, 3, 256, 256))
+    assert [o.shape[-1] for o in outs] == [64, 32, 16, 8]
+
+    log = log_file.read_text()
+    assert ('re-initialised the position tables of 8 LESA layers: the '
+            'checkpoint\'s are trained for other feature sizes') in log
+    assert 'zero-initialised 26 deformable-conv offset tensors' in log
+    assert 'dropped 2 keys outside the backbone' in log
+    assert (f'loaded {unchanged} of {len(dst)} tensors unchanged from the '
+            f'checkpoint: every tensor of the model except its position '
+            f'tables and deformable-conv offsets') in log
+    # nothing of the classification-checkpoint adaptation
+    assert 'logit norm' not in log and 'even channels' not in log
+
+
+def test_full_size_qr_transfer_reinitialises_only_the_tables():
+    """At the real sizes (ImageNet 14x14 LESA maps, Mask R-CNN 64x64 and
+    32x32), the ImageNet qr backbone fits the detector's in every tensor but
+    the position tables and the deformable offsets."""
+    imagenet_path, _ = QR_PRETRAINING[DET_CONFIGS[0]]
+    src = build_model_from_config(
+        os.path.join(REPO_ROOT, imagenet_path)).backbone
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, DET_CONFIGS[0]))
+    cfg.model.backbone.init_cfg = None
+    det = build_model_from_config(cfg).backbone
+    src = src.state_dict()
+    state, report = transfer_state_dict(src, det)
+    tables = [k for k in state if '.binary.position.' in k]
+    assert len(tables) == 16
+    for key, value in state.items():
+        if key in tables:
+            assert src[key].shape[0] == 2 * 14 - 1
+            assert value.shape[0] in (2 * 64 - 1, 2 * 32 - 1)
+        elif '.conv_offset.' not in key:
+            assert value.data_ptr() == src[key].data_ptr(), key
+    assert report[-1].endswith('every tensor of the model except its '
+                               'position tables and deformable-conv offsets')
 
 
 def test_missing_pretrained_checkpoint_is_named():

@@ -5,8 +5,9 @@
 #   tools/dist_train.sh configs/lesa/htc_lesa-wrn50.py 4
 #
 # Needs COCO-stuff maps in data/coco/stuffthingmaps/ for the semantic branch.
-# The backbone starts from a LESA-WRN-50 ImageNet checkpoint (see
-# mask-rcnn_lesa-r50.py for how to make or convert one).
+# The backbone starts from a LESA-WRN-50 ImageNet checkpoint with
+# 'detection_qr' positions (configs/lesa/lesa-wrn50-qr_4xb32_in1k.py; see
+# mask-rcnn_lesa-r50.py for the alternatives).
 _base_ = [
     'mmdet::htc/htc_r50_fpn_20e_coco.py',
 ]
@@ -14,7 +15,7 @@ _base_ = [
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
 
 image_size = (1280, 1280)
-imagenet_checkpoint = 'checkpoints/lesa-wrn50_in1k.pth'
+imagenet_checkpoint = 'checkpoints/lesa-wrn50-qr_in1k.pth'
 
 model = dict(
     backbone=dict(

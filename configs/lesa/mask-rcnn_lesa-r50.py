@@ -5,11 +5,14 @@
 #
 #   tools/dist_train.sh configs/lesa/mask-rcnn_lesa-r50.py 8
 #
-# The backbone starts from a LESA-ResNet-50 ImageNet checkpoint (trained with
-# configs/lesa/lesa-resnet50_4xb32_in1k.py, or converted from the authors'
-# checkpoint with tools/model_converters/lesa_official_to_mm.py). Its
-# classification position tables are re-initialised for 'detection_qr'; see
-# lesa_mm/utils/transfer.py. Point elsewhere with
+# The backbone starts, as the authors' does, from a LESA-ResNet-50 ImageNet
+# checkpoint with 'detection_qr' positions (trained with
+# configs/lesa/lesa-resnet50-qr_4xb32_in1k.py, or the authors' "ImageNet
+# pretrained" weights converted with
+# tools/model_converters/lesa_official_to_mm.py): only its position tables,
+# trained for other feature sizes, are re-initialised. A classification
+# checkpoint (lesa-resnet50_4xb32_in1k.py) is adapted instead (docs/lesa.md,
+# section 9). Point elsewhere with
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
@@ -21,7 +24,7 @@ _base_ = [
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
 
 image_size = (1024, 1024)
-imagenet_checkpoint = 'checkpoints/lesa-resnet50_in1k.pth'
+imagenet_checkpoint = 'checkpoints/lesa-resnet50-qr_in1k.pth'
 
 model = dict(
     backbone=dict(

@@ -1,20 +1,25 @@
-"""ImageNet-to-COCO transfer of LESA-ResNet weights.
+"""ImageNet-to-COCO transfer of LESA-ResNet weights (``docs/lesa.md``,
+section 9).
 
-A LESA ImageNet checkpoint uses ``'classification'`` position encodings
-(one flattened 1-D table per layer, a 3-term logit norm and an interleaved
-2C-channel output norm); the detection backbone uses ``'detection_qr'``
-(2-D row/column tables, a 2-term logit norm, a C-channel output norm).
-Following ``LESA_SPEC.md`` section 6, moving the weights:
+Two kinds of ImageNet checkpoint initialise a ``'detection_qr'`` detection
+backbone:
 
-* re-initialises the position tables (the flattened table has no 2-D form);
-* carries over the logit norm of the content logits (the first ``g``
-  channels) and re-initialises the one of the position logits;
-* carries over the output norm of the values (the even channels of the
-  interleaved norm) and drops the one of the value embeddings;
-* drops the classifier head, zero-initialises deformable-conv offsets that
-  the checkpoint lacks, and loads everything else unchanged.
+* A ``'detection_qr'`` ImageNet model (``configs/lesa/lesa-*-qr_*_in1k.py``,
+  the authors' route). Its norms have the detector's shapes; only the
+  position tables, trained for other feature sizes, do not fit and are
+  re-initialised. Every other tensor loads unchanged.
+* A ``'classification'`` ImageNet model (one flattened 1-D table per layer,
+  a 3-term logit norm and an interleaved 2C-channel output norm), adapted:
+  the position tables are re-initialised (the flattened table has no 2-D
+  form); the logit norm of the content logits (the first ``g`` channels) is
+  kept and the one of the position logits re-initialised; the output norm
+  of the values (the even channels of the interleaved norm) is kept and the
+  one of the value embeddings dropped.
 
-Anything else that does not fit is an error naming the key.
+Either way the classifier head is dropped, deformable-conv offsets that the
+checkpoint lacks start at zero, position tables of the model's shape load
+as they are, and anything else that does not fit is an error naming the
+key. The report says which of these happened.
 """
 import re
 from collections import OrderedDict
@@ -78,6 +83,7 @@ def transfer_state_dict(source, model, prefix='backbone.'):
     out = OrderedDict()
     used = set()
     reinit_tables, reinit_pos_norms, split_out_norms = [], [], []
+    resized_tables = {}  # key -> (checkpoint shape, model shape)
     zero_offsets, problems = [], []
 
     for key, value in target.items():
@@ -87,9 +93,15 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             used.add(key)
             continue
         if lesa and lesa.group(2) == 'position':
-            # classification 'relative' or differently sized tables
+            # keep the model's fresh tables: the checkpoint's are trained
+            # for other feature sizes (same encoding, another shape) or are
+            # of another encoding (classification 'relative')
             out[key] = value
-            reinit_tables.append(key)
+            if key in src:
+                resized_tables[key] = (tuple(src[key].shape),
+                                       tuple(value.shape))
+            else:
+                reinit_tables.append(key)
             continue
         if lesa and lesa.group(2) == 'logit_norm' and key in src and \
                 lesa.group(3) in _NORM_STATS:
@@ -146,6 +158,13 @@ def transfer_state_dict(source, model, prefix='backbone.'):
     if dropped_outside:
         report.append(f'dropped {len(dropped_outside)} keys outside the '
                       f'backbone (e.g. {dropped_outside[0]})')
+    if resized_tables:
+        key, (src_shape, dst_shape) = next(iter(resized_tables.items()))
+        report.append(
+            f're-initialised the position tables of '
+            f'{len(layers(resized_tables))} LESA layers: the checkpoint\'s '
+            f'are trained for other feature sizes (e.g. {key}: '
+            f'{src_shape} in the checkpoint, {dst_shape} in the model)')
     if reinit_tables or dropped_tables:
         report.append(
             f're-initialised the position tables of '
@@ -166,8 +185,19 @@ def transfer_state_dict(source, model, prefix='backbone.'):
     if zero_offsets:
         report.append(f'zero-initialised {len(zero_offsets)} deformable-'
                       f'conv offset tensors absent from the checkpoint')
-    report.append(f'loaded {len(used)} of {len(target)} tensors from the '
-                  f'checkpoint')
+    adapted = len(reinit_pos_norms) + len(split_out_norms)
+    unchanged = len(used) - adapted
+    if adapted:
+        report.append(f'loaded {unchanged} of {len(target)} tensors '
+                      f'unchanged and adapted {adapted} norm tensors from '
+                      f'the checkpoint')
+    else:
+        fresh = ['position tables'] * bool(resized_tables or reinit_tables)
+        fresh += ['deformable-conv offsets'] * bool(zero_offsets)
+        report.append(
+            f'loaded {unchanged} of {len(target)} tensors unchanged from the '
+            f'checkpoint: every tensor of the model' +
+            (f' except its {" and ".join(fresh)}' if fresh else ''))
     return out, report
 
 
