@@ -8,6 +8,33 @@ import yaml
 from conftest import REPO_ROOT
 
 PAPER_URL = 'https://arxiv.org/abs/2107.05637'
+CLS_README = 'https://github.com/Chenglin-Yang/LESA_classification'
+DET_README = 'https://github.com/Chenglin-Yang/LESA_detection'
+
+# What the authors report, per config, task and dataset split, and the
+# README that reports it.
+AUTHORS_RESULTS = {
+    ('lesa-resnet50_4xb32_in1k', 'Image Classification', 'ImageNet-1k'):
+    ({'Top 1 Accuracy': 79.55, 'Top 5 Accuracy': 94.79}, CLS_README),
+    ('lesa-wrn50_4xb32_in1k', 'Image Classification', 'ImageNet-1k'):
+    ({'Top 1 Accuracy': 80.18, 'Top 5 Accuracy': 95.07}, CLS_README),
+    ('mask-rcnn_lesa-r50', 'Object Detection', 'COCO val2017'):
+    ({'box AP': 44.0}, DET_README),
+    ('mask-rcnn_lesa-r50', 'Instance Segmentation', 'COCO val2017'):
+    ({'mask AP': 39.2}, DET_README),
+    ('mask-rcnn_lesa-r50', 'Object Detection', 'COCO test-dev'):
+    ({'box AP': 44.2}, DET_README),
+    ('mask-rcnn_lesa-r50', 'Instance Segmentation', 'COCO test-dev'):
+    ({'mask AP': 39.6}, DET_README),
+    ('htc_lesa-wrn50', 'Object Detection', 'COCO val2017'):
+    ({'box AP': 50.1}, DET_README),
+    ('htc_lesa-wrn50', 'Instance Segmentation', 'COCO val2017'):
+    ({'mask AP': 43.9}, DET_README),
+    ('htc_lesa-wrn50', 'Object Detection', 'COCO test-dev'):
+    ({'box AP': 50.5}, DET_README),
+    ('htc_lesa-wrn50', 'Instance Segmentation', 'COCO test-dev'):
+    ({'mask AP': 44.4}, DET_README),
+}
 
 
 def load(path):
@@ -61,11 +88,44 @@ def test_models_well_formed(models):
                 assert isinstance(meta[key], int) and meta[key] > 0, (m, key)
         for result in m.get('Results', []):
             assert {'Task', 'Dataset', 'Metrics'} <= set(result)
-            # every result says whose it is: the paper's or ours
+            # every result says whose it is: the authors' or ours
             if m['Config'].startswith('configs/demo/'):
                 assert 'measured with this code (ours)' in result['Notes']
             else:
-                assert 'reported in the paper' in result['Notes']
+                assert 'reported by the authors' in result['Notes']
+                assert 'not reproduced here' in result['Notes']
+
+
+def test_authors_results_per_split(models):
+    """The reference configs carry exactly the authors' figures, one entry
+    per task and split, each naming the split and the README it is from."""
+    listed = {}
+    for m in models:
+        if m['Config'].startswith('configs/demo/'):
+            continue
+        for result in m.get('Results', []):
+            key = (m['Name'], result['Task'], result['Dataset'])
+            assert key not in listed, key
+            listed[key] = result
+    assert sorted(listed) == sorted(AUTHORS_RESULTS)
+    for key, (metrics, source) in AUTHORS_RESULTS.items():
+        result = listed[key]
+        assert result['Metrics'] == metrics, key
+        assert source in result['Notes'], key
+        split = {'ImageNet-1k': 'ImageNet-1k val'}.get(key[2], key[2])
+        assert split in result['Notes'], key
+
+
+def test_detection_qr_pretraining_entries(models):
+    """The ImageNet configs that pre-train the detection backbones are
+    listed, without results (the authors publish none for them)."""
+    by_name = {m['Name']: m for m in models}
+    for name, params in (('lesa-resnet50-qr_4xb32_in1k', 23_505_992),
+                         ('lesa-wrn50-qr_4xb32_in1k', 60_602_984)):
+        m = by_name[name]
+        assert 'Results' not in m, name
+        assert m['Metadata']['Training Data'] == 'ImageNet-1k'
+        assert m['Metadata']['Parameters'] == params
 
 
 def test_demo_entries_list_our_measurements(models):
@@ -88,4 +148,4 @@ def test_modelindex_loads():
     finally:
         os.chdir(cwd)
     assert not errors
-    assert len(index.models) == 7
+    assert len(index.models) == 9
