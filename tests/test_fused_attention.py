@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lesa_mm.models import LESA, LESAResNet
-from lesa_mm.models.layers import attention
+from lesa_mm.models.layers import key_blocks
 
 
 def fused_and_reference(cin, c, groups, pe_type, feat, stride=1, seed=0):
@@ -186,7 +186,7 @@ def test_key_block_attention_equals_dense_softmax(shape):
 
     inputs = [randn(dq), randn(dq), randn(dv), randn(height, 3.0),
               randn(width, 3.0)]
-    out = attention._key_block_attention(*inputs, height, width, blocks,
+    out = key_blocks.key_block_attention(*inputs, height, width, blocks,
                                          chunk_bytes)
     expected = dense_attention(*inputs, height, width)
     assert out.shape == (n, g, length, dv)
@@ -202,7 +202,7 @@ def test_key_block_attention_equals_dense_softmax(shape):
 
 def test_key_blocks_policy():
     q_s = torch.zeros(1, 1, 64 * 64, 16)
-    plan = attention._key_blocks
+    plan = key_blocks.key_blocks
     # 16 + 16 + 16 = 48 channels instead of 16 + 64 + 64 = 144
     assert plan(q_s, 64, 64) == (16, 16)
     # near-equal blocks: 50 = 4 x 13 - 2, 84 = 6 x 14
@@ -216,13 +216,13 @@ def test_key_blocks_policy():
 def block_calls(monkeypatch):
     """The ``blocks`` argument of every key-block attention call."""
     calls = []
-    block_attention = attention._key_block_attention
+    block_attention = key_blocks.key_block_attention
 
     def spy(*args, **kwargs):
         calls.append(args[7])
         return block_attention(*args, **kwargs)
 
-    monkeypatch.setattr(attention, '_key_block_attention', spy)
+    monkeypatch.setattr(key_blocks, 'key_block_attention', spy)
     return calls
 
 
@@ -246,7 +246,7 @@ def test_layer_takes_key_blocks_and_equals_reference(block_calls, mode):
 def test_key_blocks_under_autocast(dtype, monkeypatch, block_calls):
     """Low precision through the key-block path: finite outputs and
     gradients, close to float32 (the blocks' merge runs in float32)."""
-    monkeypatch.setattr(attention, 'KEY_BLOCK', 8)
+    monkeypatch.setattr(key_blocks, 'KEY_BLOCK', 8)
     fused, reference = fused_and_reference(64, 64, 4, 'detection_qr', 24)
     x = torch.randn(2, 64, 24, 24)
     y32 = reference.train()(x)

@@ -104,8 +104,8 @@ def test_sdpa_handle(tool):
     assert 'aten::scaled_dot_product_attention' in stock_unsupported
 
 
-@pytest.mark.parametrize('impl', ['fused', 'fused-key-blocks', 'reference'])
-def test_lesa_layer_matches_hand_count(tool, impl, monkeypatch):
+@pytest.mark.parametrize('impl', ['fused', 'reference'])
+def test_lesa_layer_matches_hand_count(tool, impl):
     """``LESA(256, 256, feat_size=16)`` on a 16x16 map (L = 256 positions,
     g = 8 heads, dq = 16 query/key and dv = 32 value channels per head),
     eval mode, counted as MMEngine counts (MACs; BatchNorm 2 per element):
@@ -118,18 +118,14 @@ def test_lesa_layer_matches_hand_count(tool, impl, monkeypatch):
     * ``'reference'``: the einsums ``q.k`` (``g * L * L * dq``) and
       ``attn.v`` (``g * L * L * dv``), plus ``BNsim`` over the
       ``(1, 2g, L, L)`` logits;
-    * ``'fused'``: one SDPA call on the augmented queries/keys
-      ``[a q, b R, b C]`` / ``[k, onehot(row), onehot(col)]`` zero-padded,
-      with the values, to ``max(dq + H + W, dv) = 48`` channels: ``q.k``
-      and ``attn.v`` of 48 channels each, ``2 * g * L * L * 48``. It does
-      more MACs than the reference products (the position term rides in the
-      product, plus padding), but forms no ``L x L`` tensor;
-    * ``'fused-key-blocks'``: the CPU path with 4x4 key blocks (the default
-      16x16 blocks only pay on larger maps): the augmented heads are
-      ``dq + 4 + 4 = 24`` channels wide, zero-padded to ``dv = 32``, so
-      ``2 * g * L * L * 32``.
+    * ``'fused'``: a traced graph takes the one-call path (the CPU key
+      blocks are a runtime optimisation): one SDPA call on the augmented
+      queries/keys ``[a q, b R, b C]`` / ``[k, onehot(row), onehot(col)]``
+      zero-padded to a multiple of 8, ``dq + H + W = 48`` channels, against
+      values ``dv = 32`` wide: ``g * L * L * (48 + 32)``. It does more MACs
+      than the reference products (the position term rides in the
+      product), but forms no ``L x L`` tensor.
     """
-    from lesa_mm.models.layers import attention
     from lesa_mm.models.layers.lesa import LESA
     c, h, w, g = 256, 16, 16, 8
     length, dq, dv = h * w, c // 16, c // 8
@@ -143,13 +139,9 @@ def test_lesa_layer_matches_hand_count(tool, impl, monkeypatch):
             einsum=position + g * length * length * (dq + dv))
     else:
         width = dq + h + w
-        if impl == 'fused-key-blocks':
-            monkeypatch.setattr(attention, 'KEY_BLOCK', 4)
-            width = dq + 4 + 4
         expected = dict(conv=convs, batch_norm=norms, einsum=position,
-                        sdpa=2 * g * length * length * max(width, dv))
-    layer = LESA(c, c, feat_size=16,
-                 attn_impl=impl.replace('-key-blocks', '')).eval()
+                        sdpa=g * length * length * (width + dv))
+    layer = LESA(c, c, feat_size=16, attn_impl=impl).eval()
     ops, _ = count(tool, layer, torch.randn(1, c, h, w))
     assert dict(ops) == expected
 

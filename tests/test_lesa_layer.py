@@ -169,6 +169,21 @@ def test_spec_initialisation():
      "attn_impl.*'flash'"),
     (dict(in_channels=32, out_channels=32, feat_size=4,
           norm_cfg=dict(type='GN', num_groups=4)), "attn_impl='reference'"),
+    (dict(in_channels=32, out_channels=32, feat_size=4,
+          dcn=dict(type='DCNxx')), "dcn type 'DCNxx' is not a layer"),
+    (dict(in_channels=32, out_channels=32, feat_size=4,
+          norm_cfg=dict(type='BNN')), "norm_cfg type 'BNN' is not a layer"),
+    (dict(in_channels=32, out_channels=32, feat_size=4,
+          norm_cfg=dict(type='LN'), attn_impl='reference'),
+     "norm_cfg must build a norm over the channels.*'LN'"),
+    (dict(in_channels=32, out_channels=32.0, feat_size=4),
+     r'out_channels must be an int >= 1, got 32.0 \(float\)'),
+    (dict(in_channels=32, out_channels=32, feat_size=True),
+     'feat_size must be a positive int .* got True'),
+    (dict(in_channels=32, out_channels=32, feat_size=(4, 0)),
+     r'feat_size .* got \(4, 0\)'),
+    (dict(in_channels=32, out_channels=32, feat_size=4, with_cp='yes'),
+     "with_cp must be True or False, got 'yes'"),
 ])
 def test_bad_arguments_raise_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -183,6 +198,20 @@ def test_unservable_input_sizes_raise(pe_type, size, match):
     layer = LESA(16, 16, feat_size=5, groups=2, pe_type=pe_type)
     with pytest.raises(ValueError, match=match):
         layer(torch.randn(1, 16, *size))
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+    layer = LESA(np.int64(16), np.int64(32), feat_size=np.int64(4),
+                 groups=np.int64(2))
+    assert layer.out_channels == 32 and type(layer.out_channels) is int
+    assert layer(torch.randn(1, 16, 4, 4)).shape == (1, 32, 4, 4)
+
+
+def test_empty_batch_raises():
+    layer = LESA(16, 16, feat_size=4, groups=2).eval()
+    with pytest.raises(ValueError, match=r'non-empty input .*\(0, 16, 4, 4\)'):
+        layer(torch.randn(0, 16, 4, 4))
 
 
 def test_wrong_channels_raise():

@@ -158,10 +158,33 @@ def test_init_weights_follows_spec():
     (dict(frozen_stages=7), 'frozen_stages.*7'),
     (dict(pe_type='sinusoidal'), "pe_type.*'sinusoidal'"),
     (dict(lesa_groups=7), 'divisible'),
+    (dict(strides=(1, 0, 2, 1)), r'strides entry must be an int >= 1, got 0'),
+    (dict(strides=(1, 2, -2, 1)), r'strides entry .* got -2'),
+    (dict(stem_channels=0), r'stem_channels must be an int >= 1, got 0'),
+    (dict(in_channels=0), r'in_channels must be an int >= 1, got 0'),
+    (dict(with_cp='yes'), r"with_cp must be True or False, got 'yes'"),
+    (dict(norm_eval=1), r'norm_eval must be True or False, got 1'),
+    (dict(norm_cfg=dict(type='BNN')), r"norm_cfg type 'BNN' is not a layer"),
+    (dict(dcn=dict(type='DCNxx'), stage_with_dcn=(False, True, True, True)),
+     r"dcn type 'DCNxx' is not a layer"),
+    (dict(dcn='DCN'), r"dcn must be a config dict .* got 'DCN'"),
+    (dict(norm_cfg=dict(type='LN')), r"norm_cfg must build a norm over the "
+     r"channels.*'LN'"),
 ])
 def test_bad_backbone_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LESAResNet(**kwargs)
+
+
+def test_int_out_indices_and_numpy_ints_are_accepted():
+    import numpy as np
+    model = LESAResNet(depth=50, out_indices=np.int64(2),
+                       base_channels=np.int64(16), stem_channels=16,
+                       stage_with_lesa=(False, False, False, False)).eval()
+    assert model.out_indices == (2, )
+    with torch.no_grad():
+        (out, ) = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 256, 4, 4)
 
 
 def test_classification_backbone_rejects_other_sizes():

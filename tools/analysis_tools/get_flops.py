@@ -50,9 +50,6 @@ stock MMEngine misses or counts approximately:
       parses its printed FLOP estimate, which is rounded to 4 significant
       digits (and builds zero arrays the size of every operand). Replaced
       by the exact count of :func:`einsum_flop_jit`.
-    * LESA's key-block attention (``prim::PythonOp._KeyBlockAttention``),
-      an autograd function the trace does not see into; see
-      :func:`key_block_attention_flop_jit`.
     * mmcv's deformable convolutions (``prim::PythonOp.DeformConv2dFunction``
       and ``prim::PythonOp.ModulatedDeformConv2dFunction``, the ``DCN`` /
       ``DCNv2`` convs of the detection configs): untraced autograd
@@ -65,20 +62,13 @@ What LESA's attention counts
     (``g L^2 dv``). The default ``'fused'`` kernel for ``'detection_qr'``
     attends queries augmented with the row/column position logits against
     keys augmented with one-hot row/column indicators, so both of its
-    products are as wide as the augmented heads:
+    logit product is as wide as the augmented heads. A traced model runs
+    the shape-generic one-call formulation (the CPU key blocks are an eager
+    runtime optimisation), so the count is one SDPA call per layer: keys
+    ``dq + H + W`` channels wide (padded to a multiple of 8) and values
+    ``dv`` wide, ``g L^2 (dq + H + W + dv)``, whatever device runs it.
 
-    * one SDPA call (on GPUs, and on the CPU for maps whose key blocks would
-      not halve the width): heads of ``max(dq + H + W, dv)`` channels,
-      ``2 g L^2 max(dq + H + W, dv)``;
-    * on the CPU, key blocks of at most 16x16 (``KEY_BLOCK`` in
-      ``lesa_mm.models.layers.attention``) where they at least halve the
-      width: heads of ``max(dq + h + w, dv)`` channels against the keys
-      padded to whole blocks, ``2 g L L' max(dq + h + w, dv)`` with
-      ``L' >= L`` the padded key count (a handle for
-      ``prim::PythonOp._KeyBlockAttention``). At a 64x64 map that is 48
-      channels instead of 144.
-
-    Either forms no ``L x L`` tensor, at more MACs than the reference
+    It forms no ``L x L`` tensor, at more MACs than the reference
     products. Count the reference formulation with
     ``--cfg-options model.backbone.attn_impl=reference`` (it materialises
     the ``L x L`` logits: several GB at 1024x1024).
@@ -254,26 +244,6 @@ def deform_conv_flop_jit(weight_index):
     return handle
 
 
-def key_block_attention_flop_jit(inputs, outputs):
-    """MMEngine op handle of LESA's key-block attention
-    (``prim::PythonOp._KeyBlockAttention``, an autograd function the trace
-    does not see into): every query against every block's keys, both
-    products with the blocks' augmented head width, as :func:`sdpa_macs`
-    counts the batched attention call it runs, under the key ``'sdpa'``.
-    The map size and the blocks are the function's scalar arguments."""
-    from lesa_mm.models.layers.attention import _KeyBlockLayout
-    q_shape, v_shape = get_shape(inputs[0]), get_shape(inputs[2])
-    if q_shape is None or v_shape is None:
-        raise ValueError('key-block attention: the trace did not record the '
-                         'query/value shapes')
-    height, width, block_h, block_w = outputs[0].node().scalar_args()[:4]
-    heads, length, dq = q_shape
-    layout = _KeyBlockLayout(height, width, (block_h, block_w), dq,
-                             v_shape[-1], torch.float32)
-    keys = layout.count * block_h * block_w  # padded to whole blocks
-    return Counter({SDPA_KEY: heads * length * keys * 2 * layout.size})
-
-
 _SDPA_OPS = (
     'aten::scaled_dot_product_attention',
     'aten::_scaled_dot_product_flash_attention_for_cpu',
@@ -287,7 +257,6 @@ _SDPA_OPS = (
 ADDED_FLOP_HANDLES = {
     'aten::einsum': einsum_flop_jit,
     **{name: sdpa_flop_jit for name in _SDPA_OPS},
-    'prim::PythonOp._KeyBlockAttention': key_block_attention_flop_jit,
     'prim::PythonOp.DeformConv2dFunction': deform_conv_flop_jit(2),
     'prim::PythonOp.ModulatedDeformConv2dFunction': deform_conv_flop_jit(3),
 }

@@ -6,6 +6,9 @@ ResNet (``conv1``, ``bn1``, ``layerN.M.conv1..3``, ``bn1..3``,
 ``downsample.0/1``), so an ordinary ResNet-50 ImageNet checkpoint loads into
 every non-LESA part.
 """
+import numbers
+from collections.abc import Sequence
+
 import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
@@ -16,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lesa_mm.registry import register_backbone
 from ..layers import LESA
 from ..layers.lesa import init_convs_and_norms
+from ..utils import boolean, positive_int, registered_layer_cfg
 
 
 class LESABottleneck(BaseModule):
@@ -129,8 +133,8 @@ class LESAResNet(BaseModule):
         lesa_groups (int): LESA heads / unary groups. Defaults to 8.
         attn_impl (str): LESA binary-term kernel, ``'fused'`` or
             ``'reference'`` (see :class:`LESA`). Defaults to ``'fused'``.
-        out_indices (Sequence[int]): Stages whose outputs are returned.
-            Defaults to ``(3, )``.
+        out_indices (int | Sequence[int]): Stages whose outputs are
+            returned. Defaults to ``(3, )``.
         frozen_stages (int): Stages to freeze (stem included when >= 0);
             -1 freezes nothing. Defaults to -1.
         conv_cfg (dict, optional): Config of the ordinary convolutions.
@@ -184,27 +188,47 @@ class LESAResNet(BaseModule):
                              f'{tuple(self.arch_settings)}, got {depth!r}')
         stage_blocks = self.arch_settings[depth]
         num_stages = len(stage_blocks)
+        owner = 'LESAResNet'
+        in_channels = positive_int(owner, 'in_channels', in_channels)
+        stem_channels = positive_int(owner, 'stem_channels', stem_channels)
+        base_channels = positive_int(owner, 'base_channels', base_channels)
+        width_per_group = positive_int(owner, 'width_per_group',
+                                       width_per_group)
+        lesa_groups = positive_int(owner, 'lesa_groups', lesa_groups)
+        for name, value in (('norm_eval', norm_eval), ('with_cp', with_cp),
+                            ('zero_init_residual', zero_init_residual)):
+            boolean(owner, name, value)
+        registered_layer_cfg(owner, 'norm_cfg', norm_cfg, dict(type='BN'))
+        registered_layer_cfg(owner, 'conv_cfg', conv_cfg, dict(type='Conv2d'),
+                             optional=True)
+        registered_layer_cfg(owner, 'dcn', dcn,
+                             dict(type='DCN', deform_groups=1), optional=True)
+        if isinstance(out_indices, numbers.Integral):
+            out_indices = (out_indices, )
         for name, value in (('strides', strides), ('feat_sizes', feat_sizes),
                             ('stage_with_lesa', stage_with_lesa),
                             ('stage_with_first_conv', stage_with_first_conv),
-                            ('stage_with_dcn', stage_with_dcn)):
-            if len(value) != num_stages:
-                raise ValueError(f'LESAResNet {name} needs one entry per '
+                            ('stage_with_dcn', stage_with_dcn),
+                            ('out_indices', out_indices)):
+            if not isinstance(value, Sequence) or isinstance(value, str):
+                raise ValueError(f'{owner} {name} must be a sequence, got '
+                                 f'{value!r}')
+            if name != 'out_indices' and len(value) != num_stages:
+                raise ValueError(f'{owner} {name} needs one entry per '
                                  f'stage ({num_stages}), got {value!r}')
+        strides = tuple(positive_int(owner, 'strides entry', s)
+                        for s in strides)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(num_stages)
                                   for i in out_indices):
-            raise ValueError(f'LESAResNet out_indices must be a non-empty '
+            raise ValueError(f'{owner} out_indices must be a non-empty '
                              f'subset of {tuple(range(num_stages))}, got '
                              f'{out_indices!r}')
         if frozen_stages not in range(-1, num_stages + 1):
-            raise ValueError(f'LESAResNet frozen_stages must be in '
+            raise ValueError(f'{owner} frozen_stages must be in '
                              f'[-1, {num_stages}], got {frozen_stages!r}')
-        if dcn is not None and not isinstance(dcn, dict):
-            raise ValueError(f'LESAResNet dcn must be None or a config dict, '
-                             f'got {dcn!r}')
         self.depth = depth
-        self.out_indices = out_indices
+        self.out_indices = tuple(int(i) for i in out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.zero_init_residual = zero_init_residual

@@ -9,7 +9,8 @@
   and the outputs;
 * ``LESAFusion``: the dynamic gate computed from ``[u, b]``.
 
-``LESA_SPEC.md`` states the computation; this file follows it term by term.
+``docs/lesa.md`` (sections 1-5) states the computation; this file follows
+it term by term.
 """
 import contextlib
 import math
@@ -26,6 +27,8 @@ from mmengine.model.weight_init import constant_init, kaiming_init
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import ROOT_MODELS
+from ..utils import (boolean, channel_norm, positive_int,
+                     registered_layer_cfg)
 from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS
 from .position import POSITION_ENCODINGS, DecomposedRelPos2d
 
@@ -205,7 +208,7 @@ class LESAFusion(nn.Module):
 
 def init_convs_and_norms(module):
     """Kaiming-normal (fan_out, relu) convolutions and unit/zero norms in
-    ``module``, as a ResNet initialises them (spec section 4)."""
+    ``module``, as a ResNet initialises them (``docs/lesa.md`` section 5)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             kaiming_init(m, mode='fan_out', nonlinearity='relu',
@@ -282,12 +285,11 @@ class LESA(BaseModule):
                  attn_impl='fused',
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
-        for name, value in (('in_channels', in_channels),
-                            ('out_channels', out_channels), ('groups', groups),
-                            ('stride', stride)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f'LESA {name} must be a positive int, got '
-                                 f'{value!r}')
+        in_channels = positive_int('LESA', 'in_channels', in_channels)
+        out_channels = positive_int('LESA', 'out_channels', out_channels)
+        groups = positive_int('LESA', 'groups', groups)
+        stride = positive_int('LESA', 'stride', stride)
+        with_cp = boolean('LESA', 'with_cp', with_cp)
         if pe_type not in PE_TYPES:
             raise ValueError(f'LESA pe_type must be one of {PE_TYPES}, got '
                              f'{pe_type!r}')
@@ -303,9 +305,9 @@ class LESA(BaseModule):
         if attn_impl not in ATTENTION_IMPLS:
             raise ValueError(f'LESA attn_impl must be one of '
                              f'{ATTENTION_IMPLS}, got {attn_impl!r}')
-        if dcn is not None and not isinstance(dcn, dict):
-            raise ValueError(f'LESA dcn must be None or an mmcv conv config '
-                             f'dict, got {dcn!r}')
+        registered_layer_cfg('LESA', 'dcn', dcn,
+                             dict(type='DCN', deform_groups=1), optional=True)
+        registered_layer_cfg('LESA', 'norm_cfg', norm_cfg, dict(type='BN'))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
@@ -313,6 +315,7 @@ class LESA(BaseModule):
         self.with_cp = with_cp
 
         self.unary = LESAUnary(in_channels, out_channels, groups, dcn, norm_cfg)
+        channel_norm('LESA', norm_cfg, self.unary.norm)
         self.binary = LESABinary(in_channels, out_channels, groups, feat_size,
                                  pe_type, norm_cfg, attn_impl)
         self.fusion = LESAFusion(out_channels, norm_cfg)
@@ -348,6 +351,9 @@ class LESA(BaseModule):
             raise ValueError(
                 f'LESA expects an input of shape (N, {self.in_channels}, H, W), '
                 f'got {tuple(x.shape)}')
+        if x.numel() == 0:
+            raise ValueError(f'LESA needs a non-empty input (N, H, W >= 1), '
+                             f'got shape {tuple(x.shape)}')
         self.binary.position.check_size(x.shape[2], x.shape[3])
 
     def _term(self, term, x):

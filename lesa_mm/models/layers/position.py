@@ -1,6 +1,6 @@
 """Relative position encodings of LESA's binary (context) term.
 
-Two kinds, chosen by ``pe_type`` (see ``LESA_SPEC.md`` section 2):
+Two kinds, chosen by ``pe_type`` (see ``docs/lesa.md`` section 3):
 
 * :class:`DecomposedRelPos2d` (``'detection_qr'``): two tables, one for row
   offsets and one for column offsets, read by the queries only.
@@ -11,19 +11,21 @@ Both modules only hold the tables and know how to look them up for a given
 feature-map size; the attention kernels in :mod:`.attention` consume them.
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.utils import to_2tuple
 
 
 def _check_feat_size(feat_size):
     size = to_2tuple(feat_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    if len(size) != 2 or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool)
+            and s > 0 for s in size):
         raise ValueError(f'feat_size must be a positive int or a pair of '
-                         f'positive ints, got {feat_size!r}')
-    return size
+                         f'positive ints (height, width), got {feat_size!r}')
+    return tuple(int(s) for s in size)
 
 
 def relative_index(n_query: int, n_key: int, offset: int,
@@ -75,14 +77,29 @@ class DecomposedRelPos2d(nn.Module):
     def axis_table(table: torch.Tensor, size: int) -> torch.Tensor:
         """Table rows for offsets ``-(size-1) .. size-1`` along one axis:
         the centre of ``table`` if it has enough rows, else ``table``
-        linearly interpolated to ``2 * size - 1`` rows."""
-        trained = (table.shape[0] + 1) // 2
-        if size <= trained:
-            return table[trained - size:trained + size - 1]
-        resized = F.interpolate(
-            table.t().unsqueeze(0), size=2 * size - 1, mode='linear',
-            align_corners=False)
-        return resized.squeeze(0).t()
+        linearly interpolated to ``2 * size - 1`` rows (as
+        ``F.interpolate(mode='linear', align_corners=False)``).
+
+        Written without a Python branch on ``size``: both readings are one
+        linear interpolation ``(1 - t) T[i0] + t T[i1]`` at source
+        positions chosen by a tensor condition, so a traced or exported
+        graph keeps the choice for every input size. The centre reading
+        has ``t = 0``, so it returns the table's rows exactly.
+        """
+        rows = table.shape[0]  # 2 P - 1
+        # output offsets j = 0 .. 2 size - 2; `last` = 2 size - 2
+        j = torch.arange(2 * size - 1, device=table.device,
+                         dtype=torch.promote_types(table.dtype,
+                                                   torch.float32))
+        last = j[-1]
+        centre = j + (rows - 1 - last) / 2  # j + P - size
+        scale = rows / (last + 1)
+        stretched = ((j + 0.5) * scale - 0.5).clamp_min(0)
+        source = torch.where(last <= rows - 1, centre, stretched)
+        index = source.long().clamp_max(rows - 1)
+        frac = (source - index).clamp(0, 1).to(table.dtype).unsqueeze(-1)
+        upper = (index + 1).clamp_max(rows - 1)
+        return table[index] * (1 - frac) + table[upper] * frac
 
     def tables(self, height: int, width: int):
         """Per-query-row and per-query-column tables.
