@@ -33,3 +33,50 @@ def pytest_configure(config):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def randomize_norms(model, seed=0):
+    """Non-trivial weights, biases and running statistics in every
+    BatchNorm of ``model`` (fresh norms are the identity in eval mode, and
+    zero-initialised residual norms would hide whole branches)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(t, low, high):
+        t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                uniform(m.weight, 0.5, 1.5)
+                uniform(m.bias, -0.3, 0.3)
+                uniform(m.running_mean, -0.3, 0.3)
+                uniform(m.running_var, 0.5, 1.5)
+    return model
+
+
+def calibrate_norms(model, *inputs, seed=0):
+    """Random BatchNorm weights and biases, and running statistics measured
+    on ``inputs`` (a forward pass in training mode, cumulative averages):
+    a deep model in eval mode then sees normalised activations, as a trained
+    one does, rather than the chaotic ones random statistics give. As in a
+    trained ResNet, the last norm of each residual branch (``bn3``) is
+    small (weights 0.1-0.3), which keeps float32 round-off from growing
+    through the blocks."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    randomize_norms(model, seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith('bn3'):
+                m.weight.mul_(0.2)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in inputs:
+            model(x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
