@@ -37,6 +37,11 @@ model = dict(
         dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
         stage_with_dcn=(False, True, True, True),
         with_cp=True,
+        # each residual branch starts at zero (its last norm), as in the
+        # authors' detection backbone and MMDetection's ResNet: from scratch
+        # (init_cfg=None), norm_eval and frozen_stages would otherwise let
+        # the activations blow up; a Pretrained checkpoint overwrites these
+        zero_init_residual=True,
         init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
 
 backend_args = None
@@ -62,6 +67,9 @@ train_dataloader = dict(
     batch_size=1, num_workers=2, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
+
+# stop at the first non-finite loss ("loss become infinite or NaN!")
+custom_hooks = [dict(type='CheckInvalidLossHook', interval=1)]
 
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.005, momentum=0.9, weight_decay=1e-4))
