@@ -104,4 +104,8 @@ visualizer = dict(vis_backends=[
     dict(type='LocalVisBackend'),
     dict(type='OptionalTensorboardVisBackend'),
 ])
-custom_hooks = [dict(type='PlotCurvesHook')]
+# and stop at the first non-finite loss (MMDetection's hook)
+custom_hooks = [
+    dict(type='PlotCurvesHook'),
+    dict(type='mmdet.CheckInvalidLossHook', interval=1),
+]

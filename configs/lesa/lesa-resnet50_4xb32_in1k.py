@@ -41,6 +41,10 @@ train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
+# stop at the first non-finite loss ("loss become infinite or NaN!"):
+# MMDetection's hook, from this MMPretrain config by its scope
+custom_hooks = [dict(type='mmdet.CheckInvalidLossHook', interval=1)]
+
 optim_wrapper = dict(
     optimizer=dict(
         type='SGD', lr=0.05, momentum=0.9, nesterov=True,
