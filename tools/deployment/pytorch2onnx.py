@@ -1,7 +1,7 @@
 """Export a LESA config's model to ONNX and check it with ONNX Runtime.
 
     python tools/deployment/pytorch2onnx.py CONFIG [CHECKPOINT] --shape H W
-        [--check-shape H W] [--out FILE] [--tolerance 1e-4]
+        [--check-shape H W ...] [--out FILE] [--tolerance 1e-4]
         [--cfg-options key=value ...]
 
 Detection configs export their features (backbone and neck) with dynamic
@@ -32,8 +32,9 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', nargs='?', help='checkpoint file')
     parser.add_argument('--shape', type=int, nargs=2, required=True,
                         metavar=('H', 'W'), help='export input size')
-    parser.add_argument('--check-shape', type=int, nargs=2,
-                        metavar=('H', 'W'), help='second size to check')
+    parser.add_argument('--check-shape', type=int, nargs=2, action='append',
+                        metavar=('H', 'W'),
+                        help='another size to check (repeatable)')
     parser.add_argument('--out', help='ONNX file (default: the config name)')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='largest relative error accepted')
@@ -64,7 +65,8 @@ def main(argv=None):
     shapes = [tuple(args.shape)]
     if dynamic:
         h, w = args.shape
-        shapes.append(tuple(args.check_shape or (h + 64, max(w - 64, 64))))
+        shapes += [tuple(s) for s in args.check_shape or
+                   [(h + 64, max(w - 64, 64))]]
     elif args.check_shape:
         print(f'{out} has a fixed input size {tuple(args.shape)}; '
               '--check-shape is ignored')
