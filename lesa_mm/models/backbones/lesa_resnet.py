@@ -302,11 +302,14 @@ class LESAResNet(BaseModule):
                     param.requires_grad = False
 
     def init_weights(self):
-        """The spec's initialisation; with ``init_cfg=dict(type=
-        'Pretrained', checkpoint=...)`` the checkpoint is then loaded through
-        :func:`lesa_mm.utils.transfer.load_pretrained_backbone`, which adapts
-        ImageNet (``'classification'``) weights to other position encodings
-        and reports what it re-initialised."""
+        """The initialisation of ``docs/lesa.md``; with ``init_cfg=dict(
+        type='Pretrained', checkpoint=...)`` the checkpoint is then loaded
+        through :func:`lesa_mm.utils.transfer.load_pretrained_backbone`:
+        an ImageNet checkpoint of the same position encoding loads whole
+        except position tables trained for another size, which are
+        re-initialised; a ``'classification'`` checkpoint is adapted to
+        ``'detection_qr'``. Either way the log reports what was
+        re-initialised."""
         pretrained = None
         if self.init_cfg is not None:
             if not isinstance(self.init_cfg, dict) or \
