@@ -150,8 +150,10 @@ class LESAResNet(BaseModule):
             Defaults to ``(False, False, False, False)``.
         with_cp (bool): Gradient-checkpoint the unary and binary terms of
             every LESA layer. Defaults to False.
-        zero_init_residual (bool): Zero-init the last norm of each block.
-            The reference models do not. Defaults to False.
+        zero_init_residual (bool): Zero-init the last norm of each block
+            (without a pretrained checkpoint). The authors' detection
+            backbone does, and the detection configs set it; their ImageNet
+            models do not. Defaults to False.
         init_cfg (dict | list[dict], optional): Init config, e.g.
             ``dict(type='Pretrained', checkpoint=...)``. Without one, the
             spec's initialisation is applied.
