@@ -17,6 +17,7 @@ models that use them are exported with a fixed input size. mmcv's
 deformable convolutions have no ONNX Runtime kernel: models that contain
 them are refused with a message naming the modules.
 """
+import copy
 import time
 
 import numpy as np
@@ -139,38 +140,60 @@ def _median_seconds(fn, repeat=3):
     return float(np.median(times))
 
 
-def check_onnx(path, module, shapes, in_channels=3, repeat=3):
+def _rel_error(actual, expected):
+    """``max_k ||actual[k] - expected[k]|| / ||expected[k]||`` in float64."""
+    return max(
+        float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(
+            e, np.float64)) / max(np.linalg.norm(np.asarray(e)), 1e-30))
+        for a, e in zip(actual, expected))
+
+
+def _outputs(module, x):
+    with torch.no_grad():
+        out = module(x)
+    out = (out, ) if isinstance(out, torch.Tensor) else out
+    return [o.numpy() for o in out]
+
+
+def check_onnx(path, module, shapes, in_channels=3, repeat=3,
+               float64_reference=False):
     """Run the ONNX graph at ``path`` in ONNX Runtime (CPU) and ``module``
     in PyTorch at each size of ``shapes``.
+
+    Args:
+        float64_reference (bool): Also run a float64 copy of ``module`` and
+            report PyTorch's own float32 error against it (``fp32_error``):
+            the round-off a model amplifies by itself, e.g. one whose
+            eval-mode statistics are untrained.
 
     Returns:
         list[dict]: Per size: ``shape``, ``rel_error`` (the largest
         ``||onnx - torch|| / ||torch||`` over the outputs), ``onnx_s`` and
-        ``torch_s`` (median seconds of ``repeat`` runs after a warm-up).
+        ``torch_s`` (median seconds of ``repeat`` runs after a warm-up) and,
+        with ``float64_reference``, ``fp32_error``.
     """
     import onnxruntime
     session = onnxruntime.InferenceSession(
         path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
+    reference = copy.deepcopy(module).double() if float64_reference else None
     results = []
     for shape in shapes:
         x = torch.randn(1, in_channels, *shape)
-        with torch.no_grad():
-            expected = module(x)
-        if isinstance(expected, torch.Tensor):
-            expected = (expected, )
+        expected = _outputs(module, x)
         feed = {name: x.numpy()}
         actual = session.run(None, feed)
         if len(actual) != len(expected):
             raise RuntimeError(f'the ONNX graph returned {len(actual)} '
                                f'outputs, PyTorch {len(expected)}')
-        error = max(
-            float(np.linalg.norm(a - e.numpy()) /
-                  max(np.linalg.norm(e.numpy()), 1e-30))
-            for a, e in zip(actual, expected))
+        result = dict(shape=tuple(shape),
+                      rel_error=_rel_error(actual, expected))
+        if reference is not None:
+            result['fp32_error'] = _rel_error(expected,
+                                              _outputs(reference, x.double()))
         with torch.no_grad():
-            torch_s = _median_seconds(lambda: module(x), repeat)
-        onnx_s = _median_seconds(lambda: session.run(None, feed), repeat)
-        results.append(dict(shape=tuple(shape), rel_error=error,
-                            onnx_s=onnx_s, torch_s=torch_s))
+            result['torch_s'] = _median_seconds(lambda: module(x), repeat)
+        result['onnx_s'] = _median_seconds(lambda: session.run(None, feed),
+                                           repeat)
+        results.append(result)
     return results
