@@ -23,6 +23,21 @@ def load_tool(relpath):
     return module
 
 
+@pytest.fixture
+def block_calls(monkeypatch):
+    """The ``blocks`` argument of every CPU key-block attention call."""
+    from lesa_mm.models.layers import key_blocks
+    calls = []
+    block_attention = key_blocks.key_block_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])
+        return block_attention(*args, **kwargs)
+
+    monkeypatch.setattr(key_blocks, 'key_block_attention', spy)
+    return calls
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'slow: long runs kept out of the default suite '

@@ -95,25 +95,16 @@ def test_jit_trace_at_one_size_serves_others(attn_impl):
 
 
 def test_export_takes_the_one_call_path_and_eager_the_key_blocks(
-        monkeypatch, tmp_path):
+        block_calls):
     """The key-block kernel is an eager CPU optimisation: a 40x40 map takes
     it in eager mode, while a traced graph takes the one-call path."""
-    from lesa_mm.models.layers import key_blocks
-    calls = []
-    block_attention = key_blocks.key_block_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[7])
-        return block_attention(*args, **kwargs)
-
-    monkeypatch.setattr(key_blocks, 'key_block_attention', spy)
     layer = eval_layer()
     x = torch.randn(1, 64, 40, 40)
     with torch.no_grad():
         layer(x)
-        assert calls == [(14, 14)]
+        assert block_calls == [(14, 14)]
         torch.jit.trace(layer, x, check_trace=False)
-    assert calls == [(14, 14)]
+    assert block_calls == [(14, 14)]
 
 
 def test_one_call_heads_are_aligned_to_eight(monkeypatch):

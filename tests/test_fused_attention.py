@@ -212,20 +212,6 @@ def test_key_blocks_policy():
     assert plan(q_s, 32, 32, target=8) == (8, 8)
 
 
-@pytest.fixture
-def block_calls(monkeypatch):
-    """The ``blocks`` argument of every key-block attention call."""
-    calls = []
-    block_attention = key_blocks.key_block_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[7])
-        return block_attention(*args, **kwargs)
-
-    monkeypatch.setattr(key_blocks, 'key_block_attention', spy)
-    return calls
-
-
 @pytest.mark.parametrize('mode', ['train', 'train-with_cp', 'eval'])
 def test_layer_takes_key_blocks_and_equals_reference(block_calls, mode):
     """A LESA layer at a 40x40 map (blocks of 14x14, overhanging by 2):
