@@ -176,6 +176,46 @@ def test_bad_backbone_arguments(kwargs, match):
         LESAResNet(**kwargs)
 
 
+def test_attention_layer_is_built_from_the_registry():
+    """A downstream project swaps in its own layer by config: the blocks of
+    the LESA stages build ``lesa=dict(type=...)`` from MODELS with the
+    block's arguments added."""
+    from mmengine.registry import MODELS
+
+    calls = []
+
+    class PlainAttention(torch.nn.Module):
+
+        def __init__(self, in_channels, out_channels, feat_size, groups,
+                     stride, pe_type, dcn, with_cp, norm_cfg, attn_impl,
+                     scale=1.0):
+            super().__init__()
+            calls.append(dict(in_channels=in_channels, stride=stride,
+                              feat_size=feat_size, groups=groups,
+                              scale=scale))
+            self.conv = torch.nn.Conv2d(in_channels, out_channels, 3,
+                                        stride=stride, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    MODELS.register_module('PlainAttentionForTest', module=PlainAttention,
+                           force=True)
+    model = LESAResNet(lesa=dict(type='PlainAttentionForTest', scale=2.0),
+                       base_channels=16, stem_channels=16, lesa_groups=2)
+    convs = [m for m in model.modules() if isinstance(m, PlainAttention)]
+    # stage 3: blocks 2-6 (the first keeps its conv); stage 4: all 3
+    assert len(convs) == 5 + 3
+    assert calls[0] == dict(in_channels=64, stride=1, feat_size=(14, 14),
+                            groups=2, scale=2.0)
+    assert calls[5] == dict(in_channels=128, stride=1, feat_size=(14, 14),
+                            groups=2, scale=2.0)
+    assert model.eval()(torch.randn(1, 3, 224, 224))[0].shape == \
+        (1, 512, 14, 14)
+    with pytest.raises(ValueError, match="lesa type 'NoSuchAttention'"):
+        LESAResNet(lesa=dict(type='NoSuchAttention'))
+
+
 def test_int_out_indices_and_numpy_ints_are_accepted():
     import numpy as np
     model = LESAResNet(depth=50, out_indices=np.int64(2),

@@ -16,8 +16,8 @@ from mmengine.model.weight_init import constant_init
 from mmengine.utils import to_2tuple
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lesa_mm.registry import ROOT_MODELS as MODELS
 from lesa_mm.registry import register_backbone
-from ..layers import LESA
 from ..layers.lesa import init_convs_and_norms
 from ..utils import boolean, positive_int, registered_layer_cfg
 
@@ -26,8 +26,9 @@ class LESABottleneck(BaseModule):
     """ResNet bottleneck (torchvision "v1.5": stride on the 3x3) whose 3x3
     convolution may be a LESA layer.
 
-    With ``lesa`` set, ``conv2`` is a :class:`LESA` layer and the block has
-    no ``bn2`` (LESA normalises internally).
+    With ``lesa`` set, ``conv2`` is the attention layer that config builds
+    from the ``MODELS`` registry (:class:`LESA` by default) and the block
+    has no ``bn2`` (LESA normalises internally).
 
     Args:
         in_channels (int): Input channels.
@@ -41,9 +42,11 @@ class LESABottleneck(BaseModule):
         norm_cfg (dict): Config of the norms.
         dcn (dict, optional): Deformable-conv config for the 3x3 (and for
             LESA's unary convolution).
-        lesa (dict, optional): Arguments of :class:`LESA` besides the
-            channels, stride, dcn and norm (``feat_size``, ``groups``,
-            ``pe_type``, ``with_cp``). None keeps the ordinary 3x3 conv.
+        lesa (dict, optional): Config of the attention layer that replaces
+            the 3x3 convolution, e.g. ``dict(type='LESA', feat_size=14,
+            groups=8, pe_type='classification')``; the block adds
+            ``in_channels``, ``out_channels`` (both the width), ``stride``,
+            ``dcn`` and ``norm_cfg``. None keeps the ordinary 3x3 conv.
         init_cfg (dict, optional): Init config.
     """
 
@@ -74,9 +77,9 @@ class LESABottleneck(BaseModule):
             conv_cfg, in_channels, width, 1, bias=False)
         self.add_module('bn1', build_norm_layer(norm_cfg, width)[1])
         if self.with_lesa:
-            self.conv2 = LESA(
-                width, width, stride=stride, dcn=dcn, norm_cfg=norm_cfg,
-                **lesa)
+            self.conv2 = MODELS.build(
+                dict(lesa, in_channels=width, out_channels=width,
+                     stride=stride, dcn=dcn, norm_cfg=norm_cfg))
         else:
             self.conv2 = build_conv_layer(
                 dcn or conv_cfg, width, width, 3,
@@ -133,6 +136,13 @@ class LESAResNet(BaseModule):
         lesa_groups (int): LESA heads / unary groups. Defaults to 8.
         attn_impl (str): LESA binary-term kernel, ``'fused'`` or
             ``'reference'`` (see :class:`LESA`). Defaults to ``'fused'``.
+        lesa (dict): Config of the attention layer of the LESA stages,
+            built from the ``MODELS`` registry with the arguments
+            ``in_channels``, ``out_channels``, ``feat_size``, ``groups``
+            (``lesa_groups``), ``stride``, ``pe_type``, ``dcn``,
+            ``with_cp``, ``norm_cfg`` and ``attn_impl`` added; a downstream
+            project swaps in its own layer by registering it and naming its
+            ``type``. Defaults to ``dict(type='LESA')``.
         out_indices (int | Sequence[int]): Stages whose outputs are
             returned. Defaults to ``(3, )``.
         frozen_stages (int): Stages to freeze (stem included when >= 0);
@@ -174,6 +184,7 @@ class LESAResNet(BaseModule):
                  pe_type='classification',
                  lesa_groups=8,
                  attn_impl='fused',
+                 lesa=dict(type='LESA'),
                  out_indices=(3, ),
                  frozen_stages=-1,
                  conv_cfg=None,
@@ -205,6 +216,7 @@ class LESAResNet(BaseModule):
                              optional=True)
         registered_layer_cfg(owner, 'dcn', dcn,
                              dict(type='DCN', deform_groups=1), optional=True)
+        registered_layer_cfg(owner, 'lesa', lesa, dict(type='LESA'))
         if isinstance(out_indices, numbers.Integral):
             out_indices = (out_indices, )
         for name, value in (('strides', strides), ('feat_sizes', feat_sizes),
@@ -250,8 +262,8 @@ class LESAResNet(BaseModule):
             stage_lesa = None
             if stage_with_lesa[i]:
                 stage_lesa = dict(
-                    groups=lesa_groups, pe_type=pe_type, with_cp=with_cp,
-                    attn_impl=attn_impl)
+                    lesa, groups=lesa_groups, pe_type=pe_type,
+                    with_cp=with_cp, attn_impl=attn_impl)
             layer = self._make_stage(
                 in_ch, planes, planes * width_per_group // 64, num_blocks,
                 strides[i], feat_sizes[i], stage_lesa,
@@ -329,9 +341,10 @@ class LESAResNet(BaseModule):
     def _init_from_spec(self):
         init_convs_and_norms(self)
         for m in self.modules():
-            if isinstance(m, LESA):
-                m.init_weights()
-            elif isinstance(m, LESABottleneck):
+            if isinstance(m, LESABottleneck) and m.with_lesa and \
+                    hasattr(m.conv2, 'init_weights'):
+                m.conv2.init_weights()
+            if isinstance(m, LESABottleneck):
                 if hasattr(m.conv2, 'conv_offset'):
                     constant_init(m.conv2.conv_offset, 0)
                 if self.zero_init_residual:
