@@ -1,7 +1,7 @@
 """Visualisation tools on randomly initialised demo models (fast):
 tools/visualize_lesa.py, demo/image_demo.py,
-tools/analysis_tools/plot_curves.py, and the optional TensorBoard backend /
-curves hook of lesa_mm.utils.vis_backends."""
+tools/analysis_tools/plot_curves.py and the curves hook of
+lesa_mm.utils.curves."""
 import json
 import os
 import types
@@ -176,18 +176,25 @@ def test_plot_curves(tmp_path):
     write_run(work, '20260101_010000',
               [train_line(s, 1.0 - s / 1000) for s in (30, 40)]
               + [{'coco/bbox_mAP': 0.25, 'coco/segm_mAP': 0.2, 'step': 0}])
-    assert tool.main([work]) == os.path.join(work, 'curves.png')
-    with Image.open(os.path.join(work, 'curves.png')) as image:
+    out, series = tool.main([work])
+    assert out == os.path.join(work, 'curves.png')
+    with Image.open(out) as image:  # two panels: losses, validation
         assert image.format == 'PNG' and image.size == (1100, 400)
-    from lesa_mm.utils.curves import load_curves
-    train, val, used = load_curves(work)
-    assert [r['x'] for r in train] == [10, 20, 30, 40] and len(used) == 2
-    assert train[2]['loss'] == pytest.approx(0.97)  # the resumed run's
-    assert [(r['x'], r['coco/bbox_mAP']) for r in val] == [(40, 0.25)]
-    assert len(load_curves(work, runs='latest')[0]) == 2
+    assert list(series) == ['loss', 'loss_cls', 'coco/bbox_mAP',
+                            'coco/segm_mAP']
+    # the resumed run replaces the first run's record of step 30; the
+    # validation metrics sit at the last training step logged before them
+    assert series['loss'][0] == [10, 20, 30, 40]
+    assert series['loss'][1] == pytest.approx([1.9, 1.8, 0.97, 0.96])
+    assert series['coco/bbox_mAP'] == ([40], [0.25])
+    from lesa_mm.utils.curves import load_scalars
+    train, val = load_scalars(work, runs='latest')
+    assert [r['step'] for r in train] == [30, 40] and len(val) == 1
     out = str(tmp_path / 'lr.png')
     assert tool.main([work, '--keys', 'loss', 'lr', 'coco/segm_mAP',
-                      '--out', out]) == out
+                      '--out', out, '--runs', 'latest'])[1] == {
+        'loss': ([30, 40], pytest.approx([0.97, 0.96])),
+        'lr': ([30, 40], [1e-3, 1e-3]), 'coco/segm_mAP': ([40], [0.2])}
     with Image.open(out) as image:
         assert image.size == (1650, 400)  # three panels
 
@@ -205,6 +212,11 @@ def test_plot_curves_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main([str(tmp_path / 'work'), '--keys', 'coco/bbox_mAP'])
     assert "training entries: ['lr', 'loss'" in capsys.readouterr().err
+    # a stand-alone test run's metrics (no training lines) are left out
+    write_run(str(tmp_path / 'work'), '20260101_010000',
+              [{'coco/bbox_mAP': 0.5, 'step': 0}])
+    from lesa_mm.utils.curves import plot_curves
+    assert list(plot_curves(str(tmp_path / 'work'))[1]) == ['loss', 'loss_cls']
 
 
 # ----------------------------------------------------------------------------
@@ -240,32 +252,8 @@ def test_image_demo_classification(cls_ckpt, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------
-# optional TensorBoard backend, curves hook
+# curves hook
 # ----------------------------------------------------------------------------
-def test_optional_tensorboard_backend(tmp_path):
-    from mmengine.registry import VISBACKENDS
-    from mmengine.visualization import Visualizer
-    from lesa_mm.utils.vis_backends import tensorboard_available
-    backend = VISBACKENDS.build(dict(type='OptionalTensorboardVisBackend',
-                                     save_dir=str(tmp_path / 'tb')))
-    backend.add_scalars({'loss': 0.5, 'accuracy/top1': 80.0}, step=3)
-    backend.add_scalar('lr', 1e-3, step=3)
-    backend.add_image('img', np.zeros((8, 8, 3), np.uint8))
-    assert backend.enabled == tensorboard_available()
-    backend.close()
-    events = [f for _, _, files in os.walk(tmp_path) for f in files
-              if f.startswith('events.')]
-    assert bool(events) == tensorboard_available()
-    # as the demo configs use it: with the local backend in a Visualizer
-    visualizer = Visualizer(
-        name='test_optional_tb', save_dir=str(tmp_path / 'run'),
-        vis_backends=[dict(type='LocalVisBackend'),
-                      dict(type='OptionalTensorboardVisBackend')])
-    visualizer.add_scalars({'loss': 1.0}, step=1)
-    visualizer.close()
-    assert os.path.isfile(tmp_path / 'run' / 'vis_data' / 'scalars.json')
-
-
 def test_plot_curves_hook(tmp_path):
     from mmengine.registry import HOOKS
     work = str(tmp_path)
@@ -276,12 +264,11 @@ def test_plot_curves_hook(tmp_path):
         work_dir=work, logger=types.SimpleNamespace(
             info=lambda msg: None, warning=warnings.append))
     hook = HOOKS.build(dict(type='PlotCurvesHook'))
-    hook.after_run(runner)  # a test or val run: nothing drawn
-    assert not os.path.exists(tmp_path / 'curves.png')
-    hook.before_train(runner)
-    hook.after_run(runner)
-    assert os.path.isfile(tmp_path / 'curves.png') and not warnings
+    hook.after_train(runner)  # called by training loops only
+    with Image.open(tmp_path / 'curves.png') as image:
+        assert image.format == 'PNG' and image.size == (550, 400)
+    assert not warnings
     # no logs: a warning, never an exception
     runner.work_dir = str(tmp_path / 'nothing')
-    hook.after_run(runner)
+    hook.after_train(runner)
     assert 'no curves written' in warnings[0]

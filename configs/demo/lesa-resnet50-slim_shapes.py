@@ -96,14 +96,11 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0)
 auto_scale_lr = dict(base_batch_size=32)
 
-# TensorBoard scalars too (WORK_DIR/<timestamp>/vis_data/events.*) when the
-# `tensorboard` package is installed; without it this backend writes nothing
-# (one warning). After training, PlotCurvesHook draws WORK_DIR/curves.png
-# (as tools/analysis_tools/plot_curves.py does). Both come from lesa_mm.
-visualizer = dict(vis_backends=[
-    dict(type='LocalVisBackend'),
-    dict(type='OptionalTensorboardVisBackend'),
-])
+# After training, PlotCurvesHook (lesa_mm) draws WORK_DIR/curves.png from
+# the scalars.json of LocalVisBackend (as tools/analysis_tools/plot_curves.py
+# does). Add dict(type='TensorboardVisBackend') for TensorBoard events
+# (`pip install -e .[tensorboard]`).
+visualizer = dict(vis_backends=[dict(type='LocalVisBackend')])
 # and stop at the first non-finite loss (MMDetection's hook)
 custom_hooks = [
     dict(type='PlotCurvesHook'),

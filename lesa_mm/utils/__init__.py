@@ -6,4 +6,4 @@ __all__ = [
     'convert', 'extract_state_dict', 'check_against_model',
     'build_model_from_config'
 ]
-from .vis_backends import OptionalTensorboardVisBackend, PlotCurvesHook  # noqa
+from .curves import PlotCurvesHook  # noqa: F401  (registers the hook)

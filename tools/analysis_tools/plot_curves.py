@@ -1,16 +1,7 @@
-"""Plot the training loss and validation metrics of an MMEngine work dir.
+"""Redraw the training curves of a work dir (``lesa_mm.utils.curves``).
 
     python tools/analysis_tools/plot_curves.py WORK_DIR [--out FILE.png]
-        [--keys loss coco/bbox_mAP ...] [--runs all|latest] [--dpi 100]
-
-Reads ``WORK_DIR/<timestamp>/vis_data/scalars.json`` (written by
-MMEngine's ``LocalVisBackend``). ``--runs all`` (default) joins the runs in
-time order, a later run replacing the earlier records from its first
-training step on (a resumed run continues the curve, a restarted one
-replaces it); ``--runs latest`` plots the newest run only. Default keys: the
-loss and its terms, and the main validation metrics (``coco/bbox_mAP``,
-``coco/segm_mAP``, ``accuracy/top1``, ... whichever were logged). The PNG
-defaults to ``WORK_DIR/curves.png``.
+        [--keys loss lr coco/bbox_mAP ...] [--runs all|latest] [--dpi 100]
 """
 import argparse
 import os.path as osp
@@ -22,35 +13,26 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
 from lesa_mm.utils.curves import plot_curves  # noqa: E402
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description='Plot loss curves and validation metrics from '
-        "MMEngine's scalars.json logs")
-    parser.add_argument('work_dir', help='training work dir (or one run '
-                        'directory, or a scalars.json)')
-    parser.add_argument('--out', help='PNG to write (default: '
-                        'WORK_DIR/curves.png)')
-    parser.add_argument('--keys', nargs='+', metavar='KEY',
-                        help='entries to plot, e.g. loss lr coco/bbox_mAP')
-    parser.add_argument('--runs', choices=['all', 'latest'], default='all',
-                        help='join all runs in time order (resumed runs) or '
-                        'plot only the newest one')
-    parser.add_argument('--dpi', type=int, default=100)
-    return parser, parser.parse_args(argv)
-
-
 def main(argv=None):
-    parser, args = parse_args(argv)
-    if not osp.exists(args.work_dir):
-        parser.error(f'{args.work_dir!r} does not exist')
+    parser = argparse.ArgumentParser(
+        description="Plot the losses and validation metrics of MMEngine's "
+        'WORK_DIR/<timestamp>/vis_data/scalars.json')
+    parser.add_argument('work_dir')
+    parser.add_argument('--out', help='default: WORK_DIR/curves.png')
+    parser.add_argument('--keys', nargs='+', help='entries to plot (default: '
+                        'the losses and the main validation metrics)')
+    parser.add_argument('--runs', choices=['all', 'latest'], default='all',
+                        help='join the runs in time order (resumed runs) or '
+                        'plot the newest only')
+    parser.add_argument('--dpi', type=int, default=100)
+    args = parser.parse_args(argv)
     try:
-        out = plot_curves(args.work_dir, args.out, keys=args.keys,
-                          runs=args.runs, dpi=args.dpi)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) else str(err)
-        parser.error(message)
-    print(f'curves written to {out}')
-    return out
+        out, series = plot_curves(args.work_dir, args.out, args.keys,
+                                  args.runs, args.dpi)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    print(f'{", ".join(series)} plotted in {out}')
+    return out, series
 
 
 if __name__ == '__main__':
