@@ -50,6 +50,15 @@ def _deterministic():
     yield
 
 
+def rel_error(actual, expected):
+    """``||actual - expected|| / ||expected||`` in float64, of tensors or
+    arrays."""
+    actual = torch.as_tensor(actual).detach().double()
+    expected = torch.as_tensor(expected).detach().double()
+    return ((actual - expected).norm() /
+            expected.norm().clamp_min(1e-30)).item()
+
+
 def randomize_norms(model, seed=0):
     """Non-trivial weights, biases and running statistics in every
     BatchNorm of ``model`` (fresh norms are the identity in eval mode, and

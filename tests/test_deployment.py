@@ -8,13 +8,13 @@ run at smaller, equal, larger and non-square ones.
 """
 import copy
 
-import numpy as np
 import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, calibrate_norms, load_tool, randomize_norms
+from conftest import (REPO_ROOT, calibrate_norms, load_tool, randomize_norms,
+                      rel_error)
 from lesa_mm.deployment import check_onnx, export_onnx
 from lesa_mm.models import LESA, LESAResNet
 from lesa_mm.utils import build_model_from_config
@@ -29,11 +29,6 @@ def eval_layer(attn_impl='fused'):
     torch.manual_seed(0)
     layer = LESA(64, 64, feat_size=32, groups=8, attn_impl=attn_impl)
     return randomize_norms(layer).eval()
-
-
-def rel_error(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 @pytest.mark.parametrize('attn_impl', ['fused', 'reference'])

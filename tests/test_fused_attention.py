@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from conftest import randomize_norms, rel_error
 from lesa_mm.models import LESA, LESAResNet
 from lesa_mm.models.layers import key_blocks
 
@@ -12,13 +13,7 @@ def fused_and_reference(cin, c, groups, pe_type, feat, stride=1, seed=0):
     torch.manual_seed(seed)
     fused = LESA(cin, c, feat, groups=groups, stride=stride, pe_type=pe_type)
     # non-trivial norm parameters and running statistics
-    with torch.no_grad():
-        for m in fused.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_norms(fused, seed)
     reference = copy.deepcopy(fused)
     reference.binary.attn_impl = 'reference'
     return fused, reference
@@ -30,13 +25,6 @@ def run_step(layer, x, weight=None):
     weight = torch.randn_like(y) if weight is None else weight
     (y * weight).sum().backward()
     return y, x.grad, weight
-
-
-def rel_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() /
-            expected.norm().clamp_min(1e-30)).item()
 
 
 def assert_same_step(fused, reference, x, tol=1e-5):
