@@ -9,7 +9,7 @@ from .version import check_versions  # noqa: E402
 # than somewhere inside mmcv, mmdet or mmpretrain
 check_versions()
 
-from . import models  # noqa: F401,E402  (registers everything)
+from . import datasets, models  # noqa: F401,E402  (registers everything)
 from .utils.safe_load import allow_mmengine_checkpoints  # noqa: E402
 
 # MMEngine training checkpoints load with torch's weights_only=True default

@@ -18,15 +18,17 @@ def tiny_det_options(root, max_iters=4):
     ann_val = os.path.join(root, 'annotations', 'instances_val.json')
     loader = ['batch_size=2', 'num_workers=0', 'persistent_workers=False']
     opts = [
-        f'synthetic_data.root={root}', 'synthetic_data.num_train=8',
-        'synthetic_data.num_val=4', f'val_evaluator.ann_file={ann_val}',
+        f'val_evaluator.ann_file={ann_val}',
         f'test_evaluator.ann_file={ann_val}', f'train_cfg.max_iters={max_iters}',
         f'train_cfg.val_interval={max_iters}',
         'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
         'param_scheduler.0.end=4'
     ]
     for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        opts.append(f'{name}.dataset.data_root={root}')
+        # the demo's datasets generate their data under data_root
+        opts += [f'{name}.dataset.data_root={root}',
+                 f'{name}.dataset.synthetic.num_train=8',
+                 f'{name}.dataset.synthetic.num_val=4']
         opts += [f'{name}.{o}' for o in loader]
     return opts
 
@@ -79,8 +81,7 @@ def test_two_process_cpu_training(tmp_path):
     ensure_synthetic_data('coco', data, num_train=8, num_val=4,
                           image_size=128, seed=0)
     out = run(['bash', 'tools/dist_train.sh', DEMO_DET, '2', '--work-dir', work,
-               '--cfg-options'] + tiny_det_options(data, max_iters=2) +
-              ['synthetic_data.image_size=128', 'synthetic_data.seed=0'],
+               '--cfg-options'] + tiny_det_options(data, max_iters=2),
               timeout=900)
     assert 'GPU number: 2' in out  # MMEngine's name for the world size
     assert 'Iter(train) [2/2]' in out
@@ -115,3 +116,29 @@ def test_ensure_regenerates_only_when_arguments_change(tmp_path):
     assert len(os.listdir(os.path.join(root, 'train', 'circle'))) == 3
     with pytest.raises(ValueError, match="kind must be one of.*'voc'"):
         ensure_synthetic_data('voc', root)
+
+
+@pytest.mark.parametrize('config,scope,expected', [
+    (DEMO_DET, 'mmdet', 8),
+    ('configs/demo/lesa-resnet50-slim_shapes.py', 'mmpretrain', 3 * 2),
+])
+def test_demo_datasets_generate_their_data(tmp_path, config, scope,
+                                           expected):
+    """The demo configs' training datasets, built from the registry as any
+    tool builds them, generate their data on first use and then reuse it."""
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, init_default_scope
+    import lesa_mm  # noqa: F401
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, config))
+    init_default_scope(scope)
+    dataset = cfg.train_dataloader.dataset
+    dataset.data_root = str(tmp_path / 'data')
+    small = (dict(num_train=8, num_val=2) if scope == 'mmdet' else
+             dict(num_train_per_class=2, num_val_per_class=1))
+    dataset.synthetic.update(small)
+    built = DATASETS.build(dataset)
+    assert len(built) == expected
+    marker = tmp_path / 'data' / 'COMPLETE.json'
+    stamp = marker.stat().st_mtime_ns
+    assert len(DATASETS.build(dataset)) == expected
+    assert marker.stat().st_mtime_ns == stamp  # not generated again

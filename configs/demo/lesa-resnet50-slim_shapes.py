@@ -12,8 +12,9 @@ _base_ = [
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
 
 data_root = 'data/lesa_demo/shapes_folders/'
-synthetic_data = dict(kind='folders', root=data_root, num_train_per_class=300,
-                      num_val_per_class=100, image_size=64, seed=0)
+# the datasets generate the data under data_root on first use
+synthetic_data = dict(num_train_per_class=300, num_val_per_class=100,
+                      image_size=64, seed=0)
 classes = ('circle', 'square', 'triangle')
 width = 16
 
@@ -55,7 +56,8 @@ train_dataloader = dict(
     persistent_workers=True,
     sampler=dict(type='DefaultSampler', shuffle=True),
     dataset=dict(
-        type='CustomDataset',
+        type='SyntheticShapeFolders',
+        synthetic=synthetic_data,
         data_root=data_root,
         data_prefix='train',
         classes=classes,
@@ -65,7 +67,8 @@ val_dataloader = dict(
     num_workers=1,
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
-        type='CustomDataset',
+        type='SyntheticShapeFolders',
+        synthetic=synthetic_data,
         data_root=data_root,
         data_prefix='val',
         classes=classes,

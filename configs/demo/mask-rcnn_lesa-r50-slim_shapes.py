@@ -15,8 +15,8 @@ _base_ = [
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
 
 data_root = 'data/lesa_demo/shapes_coco/'
-synthetic_data = dict(kind='coco', root=data_root, num_train=600,
-                      num_val=100, image_size=128, seed=0)
+# the datasets generate the data under data_root on first use
+synthetic_data = dict(num_train=600, num_val=100, image_size=128, seed=0)
 classes = ('circle', 'square', 'triangle')
 image_size = (128, 128)
 width = 16  # base channels: stage widths 16-128, outputs 64-512
@@ -76,6 +76,8 @@ train_dataloader = dict(
     persistent_workers=True,
     batch_sampler=None,
     dataset=dict(
+        type='SyntheticShapesCoco',
+        synthetic=synthetic_data,
         data_root=data_root,
         metainfo=dict(classes=classes),
         ann_file='annotations/instances_train.json',
@@ -86,6 +88,8 @@ val_dataloader = dict(
     batch_size=4,
     num_workers=1,
     dataset=dict(
+        type='SyntheticShapesCoco',
+        synthetic=synthetic_data,
         data_root=data_root,
         metainfo=dict(classes=classes),
         ann_file='annotations/instances_val.json',

@@ -1,3 +1,4 @@
+from . import demo  # noqa: F401  (registers the demo datasets)
 from .synthetic import (SHAPES, ensure_synthetic_data, make_coco_shapes,
                         make_shape_folders)
 

@@ -1,0 +1,66 @@
+"""Datasets of the demo configs that generate their synthetic data on first
+use (:func:`~lesa_mm.datasets.synthetic.ensure_synthetic_data`), so that
+every tool runs the demos, MMDetection's and MMPretrain's own included.
+
+In distributed runs rank 0 generates and the other ranks wait for it.
+"""
+from mmengine.dist import barrier, get_rank
+
+from .synthetic import ensure_synthetic_data
+
+
+def _generate(kind, data_root, synthetic):
+    if get_rank() == 0:
+        ensure_synthetic_data(kind, data_root, **synthetic)
+    barrier()
+
+
+try:
+    from mmdet.datasets import CocoDataset
+    from mmdet.registry import DATASETS as DET_DATASETS
+except ImportError:  # lesa_mm.registry warns about a missing mmdet
+    pass
+else:
+
+    @DET_DATASETS.register_module()
+    class SyntheticShapesCoco(CocoDataset):
+        """:class:`~mmdet.datasets.CocoDataset` over the coloured shapes of
+        :func:`~lesa_mm.datasets.make_coco_shapes`, generated under
+        ``data_root`` unless a complete set made with the same ``synthetic``
+        arguments is there.
+
+        Args:
+            synthetic (dict): Arguments of the generator (``num_train``,
+                ``num_val``, ``image_size``, ``seed``).
+            data_root (str): Where the data is (or is generated).
+        """
+
+        def __init__(self, *args, synthetic, data_root, **kwargs):
+            _generate('coco', data_root, synthetic)
+            super().__init__(*args, data_root=data_root, **kwargs)
+
+
+try:
+    from mmpretrain.datasets import CustomDataset
+    from mmpretrain.registry import DATASETS as CLS_DATASETS
+except ImportError:
+    pass
+else:
+
+    @CLS_DATASETS.register_module()
+    class SyntheticShapeFolders(CustomDataset):
+        """:class:`~mmpretrain.datasets.CustomDataset` over the class folders
+        of :func:`~lesa_mm.datasets.make_shape_folders`, generated under
+        ``data_root`` unless a complete set made with the same ``synthetic``
+        arguments is there.
+
+        Args:
+            synthetic (dict): Arguments of the generator
+                (``num_train_per_class``, ``num_val_per_class``,
+                ``image_size``, ``seed``).
+            data_root (str): Where the data is (or is generated).
+        """
+
+        def __init__(self, *args, synthetic, data_root, **kwargs):
+            _generate('folders', data_root, synthetic)
+            super().__init__(*args, data_root=data_root, **kwargs)
