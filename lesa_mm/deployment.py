@@ -110,9 +110,12 @@ def export_onnx(model, path, shape, in_channels=3, dynamic=None,
             "the model's 'classification' LESA position encodings serve "
             'only their trained feature size: export it with a fixed input '
             'size (dynamic=False)')
-    if dynamic and any(s % size_divisor for s in shape):
+    if dynamic and any(s % size_divisor or s < 2 * size_divisor
+                       for s in shape):
         raise ValueError(f'the export size {tuple(shape)} must be a multiple '
-                         f'of size_divisor={size_divisor}')
+                         f'of size_divisor={size_divisor} of at least '
+                         f'{2 * size_divisor} (dynamic sizes are symbolic '
+                         'from twice the divisor on)')
     x = torch.randn(1, in_channels, *shape)
     dynamic_shapes = None
     if dynamic:

@@ -180,6 +180,14 @@ def test_classifier_exports_at_its_trained_size(tmp_path):
         export_onnx(model, path, (224, 224), dynamic=True)
 
 
+@pytest.mark.parametrize('shape', [(96, 100), (32, 64)])
+def test_dynamic_export_sizes_must_fit_the_divisor(tmp_path, shape):
+    with pytest.raises(ValueError, match=r'multiple of size_divisor=32 of '
+                       r'at least 64'):
+        export_onnx(eval_layer(), str(tmp_path / 'x.onnx'), shape,
+                    in_channels=64, size_divisor=32)
+
+
 def test_deformable_convs_are_refused(tmp_path):
     layer = LESA(16, 16, feat_size=4, groups=2,
                  dcn=dict(type='DCN', deform_groups=1))
