@@ -341,10 +341,9 @@ class LESAResNet(BaseModule):
     def _init_from_spec(self):
         init_convs_and_norms(self)
         for m in self.modules():
-            if isinstance(m, LESABottleneck) and m.with_lesa and \
-                    hasattr(m.conv2, 'init_weights'):
-                m.conv2.init_weights()
             if isinstance(m, LESABottleneck):
+                if m.with_lesa and hasattr(m.conv2, 'init_weights'):
+                    m.conv2.init_weights()
                 if hasattr(m.conv2, 'conv_offset'):
                     constant_init(m.conv2.conv_offset, 0)
                 if self.zero_init_residual:

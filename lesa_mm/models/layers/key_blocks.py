@@ -65,8 +65,7 @@ def key_blocks(q_s, height, width, target=None):
 
 class _KeyBlockLayout:
     """Keys of an ``H x W`` map split into ``h x w`` blocks, and the
-    augmented queries, keys and values of each block (the one-call path is
-    the single ``H x W`` block).
+    augmented queries, keys and values of each block.
 
     A block holds only ``h`` rows and ``w`` columns, so the queries
     ``[q_s[i], row_s[i, block rows], col_s[i, block cols]]`` against the keys
@@ -257,19 +256,12 @@ def key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
     :class:`_KeyBlockAttention` for the exact merge and gradient. Queries are
     processed in chunks of about ``chunk_bytes`` of augmented queries.
 
+    Arguments ``q_s`` to ``width`` and the return value are those of
+    :func:`lesa_mm.models.layers.attention.one_call_attention`, and:
+
     Args:
-        q_s (Tensor): Scaled queries ``(N, g, L, dq)``.
-        k (Tensor): Keys ``(N, g, L, dq)``.
-        v (Tensor): Values ``(N, g, L, dv)``.
-        row_s (Tensor): Scaled row logits ``(N, g, L, H)``.
-        col_s (Tensor): Scaled column logits ``(N, g, L, W)``.
-        height (int): ``H``.
-        width (int): ``W``.
         blocks (tuple[int, int]): Block height ``h`` and width ``w``.
         chunk_bytes (int, optional): Defaults to ``KEY_BLOCK_CHUNK_BYTES``.
-
-    Returns:
-        Tensor: ``(N, g, L, dv)``.
     """
     n, g, length, _ = q_s.shape
     dv = v.shape[-1]
