@@ -119,6 +119,20 @@ class LESABinary(nn.Module):
     def pe_type(self):
         return self.position.pe_type
 
+    def attention_macs(self, batch, height, width):
+        """Multiply-accumulates of the attention on ``batch`` maps of
+        ``height x width``, as the method defines it (``docs/lesa.md``,
+        section 3), whichever kernel runs: the content logits ``q.k``
+        (``L^2 dq`` per head), the position terms (the encoding's
+        ``logit_macs``) and the softmax-weighted values (``L^2 dv``). The
+        ``qkv`` convolution and the norms are counted as modules.
+        """
+        length = height * width
+        per_head = (length * length *
+                    (self.head_channels + self.value_channels) +
+                    self.position.logit_macs(height, width))
+        return batch * self.groups * per_head
+
     def split_heads(self, x):
         """``q (N,g,dq,L)``, ``k (N,g,dq,L)``, ``v (N,g,dv,L)`` of ``x``."""
         n, _, h, w = x.shape

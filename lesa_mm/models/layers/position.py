@@ -134,6 +134,11 @@ class DecomposedRelPos2d(nn.Module):
         return (row.reshape(n, g, height * width, height),
                 col.reshape(n, g, height * width, width))
 
+    def logit_macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates of one head's position logits: the row and
+        column products ``L (H + W) dq`` (their sum is an addition)."""
+        return height * width * (height + width) * self.head_channels
+
     def dense_logits(self, q: torch.Tensor, height: int, width: int):
         """The full ``(N, g, L, L)`` position logits ``S_r``."""
         row, col = self.axis_logits(q, height, width)
@@ -194,6 +199,14 @@ class FlattenedRelPos1d(nn.Module):
         emb = self.relative[:, index]
         d = self.head_channels
         return emb.split([d, d, self.value_channels], dim=0)
+
+    def logit_macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates of one head's position logits and value
+        embeddings: ``q.Eq`` and ``k.Ek`` (``L^2 dq`` each) and the
+        softmax-weighted ``Ev`` (``L^2 dv``)."""
+        length = height * width
+        return length * length * (2 * self.head_channels +
+                                   self.value_channels)
 
     def extra_repr(self):
         return (f'feat_size={self.feat_size}, head_channels='
