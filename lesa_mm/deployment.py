@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lesa_mm.models.layers.position import FlattenedRelPos1d
+from lesa_mm.models.layers.position import RelativePosition
 
 #: ONNX opset of the exports.
 OPSET = 18
@@ -79,7 +79,8 @@ def exportable_module(model):
 def serves_any_size(model):
     """Whether every LESA layer of ``model`` serves any input size (no
     ``'classification'`` position encoding)."""
-    return not any(isinstance(m, FlattenedRelPos1d) for m in model.modules())
+    return all(m.any_size for m in model.modules()
+               if isinstance(m, RelativePosition))
 
 
 def export_onnx(model, path, shape, in_channels=3, dynamic=None,

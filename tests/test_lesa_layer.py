@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from lesa_mm.models.layers import LogitBatchNorm
 from lesa_mm.models import LESA
 from lesa_mm.utils import convert
 from spec_reference import reference_state_dict, spec_lesa
@@ -234,7 +235,25 @@ def test_syncbn_norm_cfg_reaches_every_norm():
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     # BN_qkv, BNsim, BN_out, BN_x, and the two of the fusion
     assert len(norms) == 6
-    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    logit_norm = layer.binary.logit_norm
+    assert isinstance(logit_norm, LogitBatchNorm) and logit_norm.sync
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms
+               if m is not logit_norm)
+    # outside a process group it is a BatchNorm2d
+    plain = torch.nn.BatchNorm2d(logit_norm.num_features)
+    x = torch.randn(2, logit_norm.num_features, 5, 5)
+    assert torch.allclose(logit_norm(x), plain(x))
+    assert torch.allclose(logit_norm.running_var, plain.running_var)
+
+
+def test_fused_refuses_a_logit_norm_replaced_after_building():
+    """A runner's sync_bn conversion swaps every _BatchNorm for a plain
+    SyncBatchNorm, which cannot give the fused kernels their scales: the
+    layer says so instead of computing something else."""
+    layer = LESA(16, 16, feat_size=4, groups=2)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    with pytest.raises(ValueError, match="norm_cfg=dict.type='SyncBN'"):
+        converted(torch.randn(1, 16, 4, 4))
 
 
 def test_detection_tables_interpolate_for_larger_inputs():

@@ -30,7 +30,8 @@ from lesa_mm.registry import ROOT_MODELS
 from ..utils import (boolean, channel_norm, positive_int,
                      registered_layer_cfg)
 from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS
-from .position import POSITION_ENCODINGS, DecomposedRelPos2d
+from .logit_norm import LogitBatchNorm
+from .position import POSITION_ENCODINGS
 
 PE_TYPES = tuple(POSITION_ENCODINGS)
 
@@ -60,6 +61,10 @@ class LESAUnary(nn.Module):
         self.pointwise = (nn.Conv2d(channels, channels, 1, bias=False)
                     if groups != 1 else None)
         self.norm = build_norm_layer(norm_cfg, channels)[1]
+        init_convs_and_norms(self)
+        offset = getattr(self.conv, 'conv_offset', None)
+        if offset is not None:  # a deformable conv starts undeformed
+            constant_init(offset, 0)
 
     def forward(self, x):
         x = self.conv(x)
@@ -98,22 +103,23 @@ class LESABinary(nn.Module):
         self.head_channels = channels // (2 * groups)  # dq
         self.value_channels = channels // groups  # dv
         self.qkv = nn.Conv2d(in_channels, 2 * channels, 1, bias=False)
+        nn.init.normal_(self.qkv.weight, 0, math.sqrt(1.0 / in_channels))
         self.qkv_norm = build_norm_layer(norm_cfg, 2 * channels)[1]
-        if pe_type == 'detection_qr':
-            self.position = DecomposedRelPos2d(feat_size, self.head_channels)
-            num_terms, out_channels = 2, channels
-        else:
-            self.position = POSITION_ENCODINGS[pe_type](
-                feat_size, self.head_channels, self.value_channels)
-            # o_v and o_e, interleaved per channel: 2m -> o_v[m], 2m+1 -> o_e[m]
-            num_terms, out_channels = 3, 2 * channels
-        self.logit_norm = build_norm_layer(norm_cfg, num_terms * groups)[1]
-        if attn_impl == 'fused' and not isinstance(self.logit_norm, _BatchNorm):
+        self.position = POSITION_ENCODINGS[pe_type](
+            feat_size, self.head_channels, self.value_channels)
+        logit_norm = build_norm_layer(
+            norm_cfg, (1 + self.position.num_terms) * groups)[1]
+        if isinstance(logit_norm, _BatchNorm):
+            logit_norm = LogitBatchNorm.from_norm(logit_norm)
+        elif attn_impl == 'fused':
             raise ValueError(
                 f"LESA attn_impl='fused' needs a BatchNorm-type norm_cfg "
                 f"(it folds the norm over logits into the softmax), got "
                 f"{norm_cfg!r}; use attn_impl='reference' for other norms")
-        self.out_norm = build_norm_layer(norm_cfg, out_channels)[1]
+        self.logit_norm = logit_norm
+        # the outputs o_v (and o_e), interleaved per channel
+        self.out_norm = build_norm_layer(
+            norm_cfg, self.position.num_outputs * channels)[1]
 
     @property
     def pe_type(self):
@@ -165,17 +171,9 @@ class LESABinary(nn.Module):
         norm = self.logit_norm
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         scale = scale.view(-1, self.groups, 1, 1)  # (terms, g, 1, 1)
-        logits = scale[0] * torch.einsum('ngcq,ngcj->ngqj', q[..., index], k)
-        if self.pe_type == 'detection_qr':
-            row, col = self.position.axis_logits(q, h, w)
-            pos = row[:, :, index, :, None] + col[:, :, index, None, :]
-            logits = logits + scale[1] * pos.flatten(-2)
-        else:
-            eq, ek, _ = self.position.tables(h, w)
-            s_qr = torch.einsum('ngcq,cqj->ngqj', q[..., index],
-                                eq[:, index])
-            s_kr = torch.einsum('ngcj,cjq->ngqj', k, ek[:, :, index])
-            logits = logits + scale[1] * s_qr + scale[2] * s_kr
+        terms = [torch.einsum('ngcq,ngcj->ngqj', q[..., index], k),
+                 *self.position.logits(q, k, h, w, queries=index)]
+        logits = sum(s * term for s, term in zip(scale, terms))
         return logits.softmax(dim=-1).view(n, self.groups, -1, h, w)
 
     def forward(self, x):
@@ -183,13 +181,12 @@ class LESABinary(nn.Module):
         self.position.check_size(h, w)
         q, k, v = self.split_heads(x)
         attention = ATTENTION_KERNELS[self.attn_impl]
-        out = attention(q, k, v, self.position, self.logit_norm, h, w)
-        if self.pe_type == 'detection_qr':
-            return self.out_norm(out.reshape(n, -1, h, w))
-        o_v, o_e = out
-        stacked = torch.stack([o_v, o_e], dim=3)  # (N, g, dv, 2, L)
+        outs = attention(q, k, v, self.position, self.logit_norm, h, w)
+        if len(outs) == 1:
+            return self.out_norm(outs[0].reshape(n, -1, h, w))
+        stacked = torch.stack(outs, dim=3)  # (N, g, dv, outputs, L)
         normed = self.out_norm(stacked.reshape(n, -1, h, w))
-        return normed.view(n, -1, 2, h, w).sum(dim=2)
+        return normed.view(n, -1, len(outs), h, w).sum(dim=2)
 
 
 class LESAFusion(nn.Module):
@@ -210,6 +207,7 @@ class LESAFusion(nn.Module):
         self.reason_norm = build_norm_layer(norm_cfg, channels)[1]
         self.gate_conv = nn.Conv2d(channels, channels, 1, bias=False)
         self.gate_norm = build_norm_layer(norm_cfg, channels)[1]
+        init_convs_and_norms(self)
 
     def gate(self, u, b):
         z = torch.relu(torch.cat([u, b], dim=1))
@@ -283,7 +281,8 @@ class LESA(BaseModule):
             gradients and running statistics) or ``'reference'`` (the spec's
             direct formulation). Defaults to ``'fused'``.
         init_cfg (dict | list[dict], optional): MMEngine init config.
-            Without one, :meth:`init_weights` applies the spec's init.
+            Without one, the layer keeps the initialisation its terms give
+            themselves when built (see :meth:`init_weights`).
     """
 
     def __init__(self,
@@ -334,8 +333,6 @@ class LESA(BaseModule):
                                  pe_type, norm_cfg, attn_impl)
         self.fusion = LESAFusion(out_channels, norm_cfg)
         self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else None
-        if init_cfg is None:
-            self.init_weights()
 
     @property
     def pe_type(self):
@@ -346,19 +343,13 @@ class LESA(BaseModule):
         return self.binary.position.feat_size
 
     def init_weights(self):
-        """Spec section 4: qkv ~ N(0, 1/Cin), other convs Kaiming normal
-        (fan_out, relu), norms weight 1 / bias 0, position tables per
-        their ``pe_type``, deformable offsets 0."""
+        """Each term initialises itself when built, as ``docs/lesa.md``
+        section 5 states (qkv ~ N(0, 1/Cin), other convolutions Kaiming
+        normal (fan_out, relu), norms weight 1 / bias 0, position tables per
+        their encoding, deformable offsets 0); an ``init_cfg`` is applied
+        over that."""
         if self.init_cfg is not None:
             super().init_weights()
-            return
-        init_convs_and_norms(self)
-        nn.init.normal_(self.binary.qkv.weight, 0,
-                        math.sqrt(1.0 / self.in_channels))
-        self.binary.position.reset_parameters()
-        offset = getattr(self.unary.conv, 'conv_offset', None)
-        if offset is not None:
-            constant_init(offset, 0)
 
     def _check_input(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -7,15 +7,23 @@ Two kinds, chosen by ``pe_type`` (see ``docs/lesa.md`` section 3):
 * :class:`FlattenedRelPos1d` (``'classification'``): one table indexed by the
   offset between *flattened raster indices*, read by queries, keys and values.
 
-Both modules only hold the tables and know how to look them up for a given
-feature-map size; the attention kernels in :mod:`.attention` consume them.
+Each encoding carries its whole behaviour (the interface of
+:class:`RelativePosition`): its tables, its position logits and outputs for
+the spec's direct formulation (:func:`.attention.reference_attention`), and
+its exact memory-efficient attention (``fused_attention``). A third encoding
+is one more class here, registered in :data:`POSITION_ENCODINGS`.
 """
 import math
 import numbers
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.utils import to_2tuple
+
+from . import key_blocks
+from .attention import (autocast_dtype, content_moments, exact_moments,
+                        one_call_attention)
 
 
 def _check_feat_size(feat_size):
@@ -36,7 +44,72 @@ def relative_index(n_query: int, n_key: int, offset: int,
     return k[None, :] - q[:, None] + offset
 
 
-class DecomposedRelPos2d(nn.Module):
+def skew(x):
+    """``(..., L, 2L - 1) -> (..., L, L)``, ``out[i, j] = x[i, j - i + L - 1]``:
+    a strided view of the rows read at sliding offsets (no copy)."""
+    *batch, length, span = x.shape
+    if length == 1:
+        return x
+    flat = x.reshape(*batch, length * span)
+    rows = flat[..., length - 1:length - 1 + length * (span - 1)]
+    return rows.reshape(*batch, length, span - 1)[..., :length]
+
+
+def unskew(y):
+    """The layout :func:`skew` reads: ``(..., L, L) -> (..., L, 2L - 1)``
+    with ``x[i, j - i + L - 1] = y[i, j]`` and zeros elsewhere."""
+    *batch, length, _ = y.shape
+    if length == 1:
+        return y
+    flat = F.pad(y, (0, length - 2)).reshape(*batch, length * (2 * length - 2))
+    return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
+
+
+class RelativePosition(nn.Module):
+    """Interface of a relative position encoding of the binary term.
+
+    Attributes:
+        pe_type (str): The ``pe_type`` that names it.
+        any_size (bool): Whether it serves every feature-map size (else only
+            the size it was built for).
+        num_terms (int): Its logit terms (besides the content logits
+            ``q.k``), each normalised by its own ``BNsim`` channels.
+        num_outputs (int): Per-head outputs of the attention: the weighted
+            values, then any weighted embeddings.
+    """
+
+    pe_type = None
+    any_size = True
+    num_terms = 1
+    num_outputs = 1
+
+    def check_size(self, height: int, width: int):
+        """Raise ``ValueError`` for a size the encoding cannot serve."""
+
+    def logits(self, q, k, height, width, queries=None):
+        """The position logit terms, each ``(N, g, Lq, L)``, of the spec's
+        direct formulation (for the queries at flat indices ``queries``, or
+        all)."""
+        raise NotImplementedError
+
+    def embedding_outputs(self, attn, height, width):
+        """The outputs besides ``attn @ v`` (``(N, g, dv, L)`` each) of the
+        direct formulation, from the ``(N, g, L, L)`` attention."""
+        return []
+
+    def fused_attention(self, q, k, v, logit_norm, height, width):
+        """The exact memory-efficient attention: the outputs of the direct
+        formulation (``[o_v, ...]``) with the logits normalised by
+        ``logit_norm`` (a :class:`.LogitBatchNorm`)."""
+        raise NotImplementedError
+
+    def logit_macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates of one head's position terms, as the method
+        defines them."""
+        raise NotImplementedError
+
+
+class DecomposedRelPos2d(RelativePosition):
     """2-D relative positions decomposed into row and column tables.
 
     ``S_r[i, j] = q_i . Th[r_j - r_i + P - 1] + q_i . Tw[c_j - c_i + P - 1]``
@@ -51,11 +124,13 @@ class DecomposedRelPos2d(nn.Module):
         feat_size (int | tuple[int, int]): Trained feature size ``P``
             (height, width).
         head_channels (int): Query channels per head ``dq``.
+        value_channels (int, optional): Value channels per head; unused (the
+            encoding has no value embeddings).
     """
 
     pe_type = 'detection_qr'
 
-    def __init__(self, feat_size, head_channels: int):
+    def __init__(self, feat_size, head_channels: int, value_channels=None):
         super().__init__()
         self.feat_size = _check_feat_size(feat_size)
         self.head_channels = head_channels
@@ -69,9 +144,6 @@ class DecomposedRelPos2d(nn.Module):
         with torch.no_grad():
             self.rel_height.normal_(0, 1).mul_(scale)
             self.rel_width.normal_(0, 1).mul_(scale)
-
-    def check_size(self, height: int, width: int):
-        """Every size is served (larger ones by interpolation)."""
 
     @staticmethod
     def axis_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -139,18 +211,64 @@ class DecomposedRelPos2d(nn.Module):
         column products ``L (H + W) dq`` (their sum is an addition)."""
         return height * width * (height + width) * self.head_channels
 
-    def dense_logits(self, q: torch.Tensor, height: int, width: int):
-        """The full ``(N, g, L, L)`` position logits ``S_r``."""
+    def logits(self, q, k, height, width, queries=None):
+        """``[S_r]``: the ``(N, g, Lq, L)`` position logits
+        ``S_r[i, j] = R[i, r_j] + C[i, c_j]``."""
         row, col = self.axis_logits(q, height, width)
-        n, g, length, _ = row.shape
-        dense = row.unsqueeze(-1) + col.unsqueeze(-2)  # (N, g, L, H, W)
-        return dense.reshape(n, g, length, length)
+        if queries is not None:
+            row, col = row[:, :, queries], col[:, :, queries]
+        n, g, count, _ = row.shape
+        dense = row.unsqueeze(-1) + col.unsqueeze(-2)  # (N, g, Lq, H, W)
+        return [dense.reshape(n, g, count, height * width)]
+
+    @staticmethod
+    def _moments(q, k, row, col):
+        """Per-channel sums and sums of squares of ``S_qk`` and ``S_r`` over
+        ``(N, L, L)``, without ``L x L`` tensors: with
+        ``S_r[i, j] = R[i, r_j] + C[i, c_j]``,
+        ``sum_j S_r = W sum_r R + H sum_c C`` and
+        ``sum_j S_r^2 = W sum_r R^2 + H sum_c C^2 + 2 (sum_r R)(sum_c C)``.
+        """
+        height, width = row.shape[-1], col.shape[-1]
+        qk_sum, qk_sq, count = content_moments(q, k)
+        row_sum, col_sum = row.sum(-1), col.sum(-1)
+        pos_sum = (width * row_sum + height * col_sum).sum(-1).sum(0)
+        pos_sq = (width * row.square().sum(-1) +
+                  height * col.square().sum(-1) +
+                  2 * row_sum * col_sum).sum(-1).sum(0)
+        return (torch.cat([qk_sum, pos_sum]), torch.cat([qk_sq, pos_sq]),
+                count)
+
+    def fused_attention(self, q, k, v, logit_norm, height, width):
+        """``softmax_j(a q_i.k_j + b (R[i, r_j] + C[i, c_j])) v_j`` with the
+        per-head scales ``a, b`` of ``BNsim`` (its shift is constant over
+        the keys), on fused attention kernels over augmented queries and
+        keys (:func:`.attention.one_call_attention`, or on the CPU in eager
+        mode :func:`.key_blocks.key_block_attention`): no ``L x L`` tensor.
+        """
+        row, col = self.axis_logits(q, height, width)  # (N,g,L,H), (N,g,L,W)
+        scale = logit_norm.scales(
+            lambda: exact_moments(self._moments, q, k, row, col))
+        g = q.shape[1]
+        dtype = autocast_dtype(q.device.type) or q.dtype
+        a, b = scale.view(2, 1, g, 1, 1).to(dtype)
+        q_s = q.transpose(-1, -2).to(dtype) * a
+        row_s, col_s = row.to(dtype) * b, col.to(dtype) * b
+        k_t, v_t = k.transpose(-1, -2).to(dtype), v.transpose(-1, -2).to(dtype)
+        blocks = key_blocks.key_blocks(q_s, height, width)
+        if blocks is not None:
+            out = key_blocks.key_block_attention(q_s, k_t, v_t, row_s, col_s,
+                                                 height, width, blocks)
+        else:
+            out = one_call_attention(q_s, k_t, v_t, row_s, col_s, height,
+                                     width)
+        return [out.transpose(-1, -2)]
 
     def extra_repr(self):
         return f'feat_size={self.feat_size}, head_channels={self.head_channels}'
 
 
-class FlattenedRelPos1d(nn.Module):
+class FlattenedRelPos1d(RelativePosition):
     """Relative positions over the flattened raster index (classification).
 
     One table ``E`` of shape ``(2 dq + dv, 2K - 1)`` with ``K = Ph * Pw``;
@@ -165,6 +283,9 @@ class FlattenedRelPos1d(nn.Module):
     """
 
     pe_type = 'classification'
+    any_size = False
+    num_terms = 2
+    num_outputs = 2
 
     def __init__(self, feat_size, head_channels: int, value_channels: int):
         super().__init__()
@@ -199,6 +320,72 @@ class FlattenedRelPos1d(nn.Module):
         emb = self.relative[:, index]
         d = self.head_channels
         return emb.split([d, d, self.value_channels], dim=0)
+
+    def logits(self, q, k, height, width, queries=None):
+        """``[S_qr, S_kr]``: ``S_qr[i, j] = q_i . Eq[i - j]`` and
+        ``S_kr[i, j] = k_j . Ek[j - i]``, each ``(N, g, Lq, L)``."""
+        eq, ek, _ = self.tables(height, width)
+        q_i = q
+        if queries is not None:
+            eq, ek, q_i = eq[:, queries], ek[:, :, queries], q[..., queries]
+        return [torch.einsum('ngci,cij->ngij', q_i, eq),
+                torch.einsum('ngcj,cji->ngij', k, ek)]
+
+    def embedding_outputs(self, attn, height, width):
+        """``[o_e]``: ``o_e[i] = sum_j attn[i, j] Ev[i - j]``."""
+        _, _, ev = self.tables(height, width)
+        return [torch.einsum('ngij,cij->ngci', attn, ev)]
+
+    def _moments(self, q, k):
+        """Per-channel sums and sums of squares of ``S_qk``, ``S_qr`` and
+        ``S_kr`` over ``(N, L, L)``, in closed form. Query ``i`` meets the
+        offsets ``i .. i + L - 1`` of ``Eq`` (key ``j`` those of ``Ek``), so
+        ``sum_j S_qr[i, j] = q_i . A_i`` and
+        ``sum_j S_qr[i, j]^2 = q_i^T G_i q_i`` with ``A_i`` and ``G_i`` the
+        sums of ``e_m`` and ``e_m e_m^T`` over that window (likewise for
+        ``S_kr`` over the keys)."""
+        length = q.shape[-1]
+        d = self.head_channels
+        table = self.relative.to(q.dtype)
+        sums, sq_sums = [], []
+        for x, e in ((q, table[:d]), (k, table[d:2 * d])):
+            window = e.unfold(-1, length, 1).sum(-1)  # (d, L)
+            outer = e.t()[:, :, None] * e.t()[:, None, :]  # (2L-1, d, d)
+            gram = outer.unfold(0, length, 1).sum(-1)  # (L, d, d)
+            sums.append(torch.einsum('ngci,ci->g', x, window))
+            quad = torch.einsum('ngci,icd->ngdi', x, gram)
+            sq_sums.append((quad * x).sum((0, 2, 3)))
+        qk_sum, qk_sq, count = content_moments(q, k)
+        return (torch.cat([qk_sum, *sums]), torch.cat([qk_sq, *sq_sums]),
+                count)
+
+    def fused_attention(self, q, k, v, logit_norm, height, width):
+        """``softmax_j(a q_i.k_j + b S_qr + c S_kr)`` with the per-head
+        scales of ``BNsim`` (its shift is constant over the keys), batch
+        statistics in closed form (:meth:`_moments`). The position terms
+        use the Toeplitz structure of the table: one product with the whole
+        table gives every query's logits against every offset, and a
+        strided view (:func:`skew`) reads them per key; ``o_e`` multiplies
+        the attention laid out by offset (:func:`unskew`) with ``Ev``. No
+        table is gathered to ``L x L``.
+        """
+        self.check_size(height, width)
+        scale = logit_norm.scales(lambda: exact_moments(self._moments, q, k))
+        g = q.shape[1]
+        dtype = autocast_dtype(q.device.type) or q.dtype
+        a, b, c = scale.view(3, 1, g, 1, 1).to(dtype)
+        d = self.head_channels
+        # column m of the flipped table is the offset L - 1 - m
+        eq, ek, ev = self.relative.flip(-1).to(dtype).split(
+            [d, d, self.value_channels], dim=0)
+        q_t, k_t = q.transpose(-1, -2).to(dtype), k.transpose(-1, -2).to(dtype)
+        logits = (q_t * a) @ k.to(dtype)
+        logits = logits + skew((q_t * b) @ eq)
+        logits = logits + skew((k_t * c) @ ek).transpose(-1, -2)
+        attn = logits.softmax(dim=-1)
+        o_v = attn @ v.transpose(-1, -2).to(attn.dtype)
+        o_e = unskew(attn) @ ev.t().to(attn.dtype)
+        return [o_v.transpose(-1, -2), o_e.transpose(-1, -2)]
 
     def logit_macs(self, height: int, width: int) -> int:
         """Multiply-accumulates of one head's position logits and value
