@@ -13,6 +13,7 @@ import torch
 from mmdet.models.detectors import BaseDetector
 from mmdet.structures import DetDataSample
 from mmengine.config import Config, DictAction
+from mmengine.hub import get_config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 
@@ -21,7 +22,7 @@ from lesa_mm.analysis import complexity_info
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Get model flops and params')
-    parser.add_argument('config', help='config file path')
+    parser.add_argument('config', help='config file path (or scope::path)')
     parser.add_argument(
         '--shape', type=int, nargs='+', default=None,
         help='input image size, H [W] (default: 1024 for detectors, else '
@@ -39,8 +40,9 @@ def parse_args(argv=None):
 
 
 def build_model(config, cfg_options=None):
-    """Build ``config``'s model (eval mode) as the OpenMMLab tools do."""
-    cfg = Config.fromfile(config)
+    """Build ``config``'s model (eval mode) as the OpenMMLab tools do;
+    ``scope::path`` names a config an installed package ships."""
+    cfg = get_config(config) if '::' in config else Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
