@@ -1,18 +1,17 @@
-"""tools/analysis_tools/benchmark_lesa.py on a tiny configuration.
-
-Checks the tables' structure and the fused-vs-reference agreement; never
-the timings.
-"""
-import io
-import math
-import re
+"""tools/analysis_tools/benchmark_lesa.py with tiny inputs: the structure of
+the results and their ratios, never the timings."""
+import os
 
 import pytest
+import torch
 
-from conftest import load_tool
+from conftest import REPO_ROOT, load_tool
+from lesa_mm.analysis import complexity_info
 
-TINY = ['--subject', 'layer', '--size', '8', '--channels', '32', '--groups',
-        '4', '--repeats', '1', '--warmup', '0', '--device', 'cpu']
+CLS_DEMO = os.path.join(REPO_ROOT, 'configs', 'demo',
+                        'lesa-resnet50-slim_shapes.py')
+QUICK = ['--warmup', '0', '--min-run-time', '0',
+         '--device', 'cpu']
 
 
 @pytest.fixture(scope='module')
@@ -20,100 +19,71 @@ def tool():
     return load_tool('tools/analysis_tools/benchmark_lesa.py')
 
 
-def table_rows(text):
-    """The data rows of the markdown tables as lists of cells."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        if line.startswith('|') and cells[0] in ('eval', 'train'):
-            rows.append(cells)
-    return rows
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_layer_in_this_process(tool, mode):
+    """Both kernels of a tiny layer, measured in this process: positive
+    times and peaks, the same FLOPs (the method's, whatever the kernel)."""
+    args = tool.parse_args(['--size', '8', '6', '--channels', '32',
+                            '--groups', '4', '--batch', '2', '--mode',
+                            mode] + QUICK)
+    specs = tool.specs(args)
+    assert [s['name'] for s in specs] == ['fused', 'reference']
+    assert all(s['shape'] == [8, 6] for s in specs)
+    results = [tool.measure(s) for s in specs]
+    for result in results:
+        assert result['time'] > 0 and result['runs'] >= 1
+        assert result['peak_mib'] > 0
+    from lesa_mm.models import LESA
+    layer = LESA(32, 32, (8, 6), groups=4).eval()
+    expected = complexity_info(layer, torch.randn(1, 32, 8, 6),
+                               show_table=False)['flops']
+    assert results[0]['flops'] == results[1]['flops'] == expected
 
 
-def test_tiny_layer_table(tool):
-    out = io.StringIO()
-    # --in-process: one process for every cell keeps the test fast
-    assert tool.main(TINY + ['--in-process'], out=out) == 0
-    text = out.getvalue()
-    assert 'peak RSS above the pre-run resident set' in text
-    rows = table_rows(text)
-    assert sorted((r[0], r[2]) for r in rows) == [
-        ('eval', 'fused'), ('eval', 'reference'), ('train', 'fused'),
-        ('train', 'reference')]
-    peaks = {(r[0], r[2]): float(r[5]) for r in rows}
-    for mode, _, impl, time_ms, min_ms, peak, speedup, ratio, out_err, \
-            grad_err, fp64_out, fp64_grad in rows:
-        for figure in (time_ms, min_ms, peak):
-            assert math.isfinite(float(figure))
-        errors = [fp64_out] + ([fp64_grad] if mode == 'train' else [])
-        if impl == 'fused':
-            assert speedup.startswith(tuple('0123456789'))
-            # in one process the RSS high-water mark may already cover a
-            # tiny reference run: then there is no ratio to print
-            if peaks[(mode, 'reference')] > 0:
-                assert math.isfinite(float(ratio))
-            else:
-                assert ratio == '-'
-            errors += [out_err] + ([grad_err] if mode == 'train' else [])
-        for err in errors:
-            assert 0 <= float(err) < 1e-4, (mode, impl, err)
-    # both kernels in float64 agree to round-off
-    notes = [line for line in text.splitlines()
-             if 'both kernels in float64' in line]
-    assert len(notes) == 2
-    for note in notes:
-        figures = re.findall(r'(?:out|grad) (\S+?)(?:,|$)', note)
-        assert len(figures) == (2 if note.startswith('- train') else 1)
-        assert all(0 <= float(f) < 1e-10 for f in figures), note
-
-
-def test_worker_in_fresh_process(tool):
-    """The CPU path: one cell in a fresh process reports finite figures."""
-    args = tool.build_parser().parse_args(TINY)
-    spec = dict(tool.cell_specs(args, 'layer', 'eval', 'cpu'), impl='fused')
-    result = tool.run_in_subprocess('measure', spec, timeout=300)
-    assert 'error' not in result, result
-    assert len(result['times_ms']) == 1
-    assert math.isfinite(result['times_ms'][0]) and result['times_ms'][0] > 0
-    assert math.isfinite(result['peak_mib']) and result['peak_mib'] >= 0
-
-
-def test_failed_cell_is_reported(tool):
-    spec = dict(subject='layer', mode='eval', device='cpu', size=8, batch=1,
-                channels=30, groups=4, warmup=0, repeats=1, threads=1,
-                seed=0, impl='fused')  # 30 channels: LESA rejects them
-    result = tool.run_task('measure', spec)
-    assert result['error'].startswith('failed: ValueError')
-    rows = tool.table_rows(spec, dict(fused=result), None)
-    assert 'failed: ValueError' in rows[0]
-
-
-def test_height_and_width(tool):
-    """``--size H W``: a 40x24 map (the CPU's fused kernel runs it in key
-    blocks) in both modes, agreeing with the reference."""
-    out = io.StringIO()
-    argv = TINY[:2] + ['--size', '40', '24'] + TINY[4:] + ['--in-process']
-    assert tool.main(argv, out=out) == 0
-    rows = table_rows(out.getvalue())
-    assert sorted((r[0], r[1]) for r in rows) == [
-        ('eval', '1x32x40x24'), ('eval', '1x32x40x24'),
-        ('train', '2x32x40x24'), ('train', '2x32x40x24')]
+def test_model_against_stock(tool):
+    """``--subject model`` on the slim classification demo (64x64, its
+    trained size): ours and the stock ResNet-50 of the same widths, each in
+    its own process; the ratios are ours / stock."""
+    rows = tool.main(['--subject', 'model', CLS_DEMO, '--shape', '64'] +
+                     QUICK)
+    assert [r['name'] for r in rows] == ['ours', 'stock']
+    ours, stock = rows
     for row in rows:
-        if row[2] == 'fused':
-            errors = [row[8]] + ([row[9]] if row[0] == 'train' else [])
-            assert all(0 <= float(e) < 1e-4 for e in errors), row
+        assert row['time'] > 0 and row['peak_mib'] > 0 and row['runs'] >= 1
+    assert ours['time_ratio'] == pytest.approx(ours['time'] / stock['time'])
+    assert ours['mem_ratio'] == pytest.approx(ours['peak_mib'] /
+                                              stock['peak_mib'])
+    assert stock['time_ratio'] == stock['flops_ratio'] == 1
+    # the FLOPs: the package's count of either backbone
+    args = tool.parse_args(['--subject', 'model', CLS_DEMO, '--shape', '64'])
+    flops = []
+    for spec in tool.specs(args):
+        model, _ = tool.build_subject(spec)
+        model.eval()
+        flops.append(complexity_info(model, torch.randn(1, 3, 64, 64),
+                                     show_table=False)['flops'])
+    assert [ours['flops'], stock['flops']] == flops
+    assert ours['flops_ratio'] == pytest.approx(flops[0] / flops[1])
+    assert model.base_channels == 16  # the stock one, sized like the demo
+
+
+def test_failure_names_the_subject(tool):
+    # 30 channels: not a multiple of 2 * groups
+    args = tool.parse_args(['--size', '8', '--channels', '30', '--groups',
+                            '4'] + QUICK)
+    with pytest.raises(RuntimeError, match='fused failed'):
+        tool.run_in_subprocess(tool.specs(args)[0])
 
 
 @pytest.mark.parametrize('argv', [
-    ['--channels', '36', '--groups', '4'],  # not a multiple of 2 * groups
-    ['--subject', 'backbone', '--image-size', '100'],
-    ['--subject', 'backbone', '--image-size', '256', '100'],
+    ['--subject', 'model'],  # no config
+    [CLS_DEMO],  # a config without --subject model
     ['--size', '8', '8', '8'],
-    ['--impl', 'fused,fast'],
-    ['--repeats', '0'],
+    ['--batch', '0'],
     ['--mode', 'predict'],
+    ['--with-cp', 'yes'],
 ])
 def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit) as exc:
-        tool.main(argv)
+        tool.parse_args(argv)
     assert exc.value.code == 2
