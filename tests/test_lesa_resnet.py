@@ -232,3 +232,131 @@ def test_classification_backbone_rejects_other_sizes():
     with pytest.raises(ValueError, match='trained feature size 14x14'):
         with torch.no_grad():
             model(torch.randn(1, 3, 192, 192))
+
+
+def test_init_weights_initialises_ordinary_layers_once_and_not_lesa():
+    """The backbone initialises its own convolutions and norms; the LESA
+    layers keep the initialisation they gave themselves when built (their
+    ``init_weights`` is not called without their own ``init_cfg``)."""
+    from unittest import mock
+    model = LESAResNet(depth=50, base_channels=16, stem_channels=16,
+                       lesa_groups=2)
+    lesa_state = {k: v.clone() for k, v in model.state_dict().items()
+                  if '.conv2.' in k and lesa_blocks(model) & {
+                      k.split('.conv2.')[0]}}
+    assert lesa_state
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.zero_()
+        model.layer1[0].bn1.weight.zero_()
+    with mock.patch.object(LESA, 'init_weights') as lesa_init, \
+            mock.patch('lesa_mm.models.backbones.lesa_resnet.kaiming_init',
+                       wraps=__import__(
+                           'mmengine.model.weight_init',
+                           fromlist=['kaiming_init']).kaiming_init) as kaiming:
+        model.init_weights()
+    assert lesa_init.call_count == 0
+    state = model.state_dict()
+    for key, value in lesa_state.items():
+        assert torch.equal(state[key], value), key
+    # every ordinary Conv2d exactly once, none inside a LESA layer
+    inited = [call.args[0] for call in kaiming.call_args_list]
+    ordinary = [m for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Conv2d)
+                and not any(name.startswith(b + '.conv2.')
+                            for b in lesa_blocks(model))]
+    assert len(inited) == len(ordinary) == len({id(m) for m in inited})
+    assert {id(m) for m in inited} == {id(m) for m in ordinary}
+    assert model.layer1[0].conv1.weight.std() > 0
+    assert torch.all(model.layer1[0].bn1.weight == 1)
+
+
+def _classification_checkpoint(path, width=16):
+    """An MMPretrain-style checkpoint (backbone + head) of a slim
+    classification LESA-ResNet-50, with non-trivial norms."""
+    torch.manual_seed(1)
+    backbone = LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                          feat_sizes=(16, 8, 4, 4))
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.weight.data.uniform_(0.5, 1.5)
+    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+    state['head.fc.weight'] = torch.randn(3, width * 32)
+    state['head.fc.bias'] = torch.randn(3)
+    torch.save({'state_dict': state, 'meta': {}}, path)
+    return state
+
+
+def _detection_backbone(width=16, **kwargs):
+    torch.manual_seed(7)  # the same fresh position tables in every copy
+    return LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                      strides=(1, 2, 2, 2), feat_sizes=(32, 16, 8, 4),
+                      pe_type='detection_qr', out_indices=(0, 1, 2, 3),
+                      dcn=dict(type='DCN', deform_groups=1),
+                      stage_with_dcn=(False, True, True, True), **kwargs)
+
+
+def test_plain_load_state_dict_adapts_as_pretrained_and_load_from(tmp_path):
+    """A classification ImageNet checkpoint reaches a detection_qr backbone
+    identically by init_cfg=Pretrained, by model.load_state_dict (strict)
+    and by MMEngine's load_checkpoint into a detector (a runner's
+    load_from): the load_state_dict pre-hook adapts it each time."""
+    from mmengine.logging import MMLogger
+    from mmengine.runner import load_checkpoint
+    path = str(tmp_path / 'cls.pth')
+    ckpt = _classification_checkpoint(path)
+    log_file = tmp_path / 'load.log'
+    MMLogger.get_instance('test_adapt_on_load', log_file=str(log_file))
+
+    pretrained = _detection_backbone(
+        init_cfg=dict(type='Pretrained', checkpoint=path))
+    pretrained.init_weights()
+
+    plain = _detection_backbone()
+    plain.load_state_dict(torch.load(path)['state_dict'], strict=True)
+
+    detector = torch.nn.Module()
+    detector.backbone = _detection_backbone()
+    load_checkpoint(detector, path, strict=False)  # keys under backbone.
+
+    expected = pretrained.state_dict()
+    for model in (plain, detector.backbone):
+        state = model.state_dict()
+        assert list(state) == list(expected)
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), key
+    # adapted: position-logit norm fresh, value channels of the out norm
+    key = 'layer4.1.conv2.binary'
+    torch.testing.assert_close(expected[f'{key}.out_norm.weight'],
+                               ckpt[f'backbone.{key}.out_norm.weight'][0::2])
+    assert torch.all(expected['layer2.0.conv2.conv_offset.weight'] == 0)
+    log = log_file.read_text()
+    assert log.count('kept the content-logit norm and re-initialised the '
+                     'position-logit norm of 8 LESA layers') == 3
+    assert log.count('dropped 2 keys outside the backbone') == 2
+    # the caller's state dict is not modified
+    assert 'head.fc.weight' in torch.load(path)['state_dict']
+
+
+def test_load_state_dict_of_a_fitting_state_is_untouched(tmp_path):
+    """A state dict that fits is loaded as it is, without a report; one
+    that does not fit for a reason the transfer does not cover is left to
+    load_state_dict, which names the key."""
+    from mmengine.logging import MMLogger
+    log_file = tmp_path / 'load.log'
+    MMLogger.get_instance('test_fitting_state', log_file=str(log_file))
+    model = _detection_backbone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        state['layer3.1.conv2.binary.position.rel_height'].add_(1)
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.layer3[1].conv2.binary.position.rel_height,
+                       state['layer3.1.conv2.binary.position.rel_height'])
+    assert 'adapted the checkpoint' not in log_file.read_text()
+    bad = dict(state)
+    bad['layer2.0.conv1.weight'] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match=r'layer2\.0\.conv1\.weight'):
+        model.load_state_dict(bad, strict=True)
+    del bad['layer2.0.conv1.weight']
+    result = model.load_state_dict(bad, strict=False)
+    assert result.missing_keys == ['layer2.0.conv1.weight']

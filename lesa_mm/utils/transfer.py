@@ -19,7 +19,13 @@ backbone:
 Either way the classifier head is dropped, deformable-conv offsets that the
 checkpoint lacks start at zero, position tables of the model's shape load
 as they are, and anything else that does not fit is an error naming the
-key. The report says which of these happened.
+key (:func:`transfer_state_dict`). The report says which of these happened.
+
+The LESA backbones apply the same adaptation to every state dict loaded into
+them, through a ``load_state_dict`` pre-hook (:func:`adapt_on_load`), so
+``model.load_state_dict(sd)``, ``init_cfg=dict(type='Pretrained', ...)`` and
+a runner's ``load_from`` agree; there, what does not fit for an uncovered
+reason is left to ``load_state_dict`` to report.
 """
 import re
 from collections import OrderedDict
@@ -59,32 +65,33 @@ def backbone_state_dict(state_dict, prefix='backbone.'):
     return OrderedDict(state_dict), []
 
 
-def transfer_state_dict(source, model, prefix='backbone.'):
-    """Adapt a checkpoint's backbone weights to ``model``.
+def _owner_loads(key, src):
+    """Whether the convolution owning the offset ``key`` loads from ``src``
+    (a deformable conv whose weights come from the checkpoint)."""
+    return key.split('.conv_offset.')[0] + '.weight' in src
 
-    Args:
-        source (dict): Checkpoint or state dict (see
-            :func:`backbone_state_dict`).
-        model (nn.Module): The target backbone, already initialised: its
-            current values are kept wherever the source has nothing to give.
-        prefix (str): Prefix of the backbone keys in ``source``.
+
+def _lesa_layer_in(key, src):
+    """Whether ``src`` holds anything of the LESA layer of ``key``."""
+    layer = _LESA_MODULE.fullmatch(key).group(1) + '.'
+    return any(k.startswith(layer) for k in src)
+
+
+def _adapt(src, target, dropped_outside):
+    """The adaptation of :func:`transfer_state_dict`, without raising.
 
     Returns:
-        tuple[OrderedDict, list[str]]: A state dict that loads into ``model``
-        with ``strict=True``, and a short report of what was dropped or
-        re-initialised, and why.
-
-    Raises:
-        ValueError: Naming every key that is missing, unexpected or
-            mis-shaped for a reason the transfer does not cover.
+        tuple: ``(out, leftover, report, problems, adapted)``: the model's
+        tensors from the source (adapted where covered), the source tensors
+        that do not fit for an uncovered reason (mis-shaped or unknown keys,
+        as they are), the report, one line per problem, and whether
+        anything was adapted.
     """
-    src, dropped_outside = backbone_state_dict(source, prefix)
-    target = model.state_dict()
     out = OrderedDict()
     used = set()
     reinit_tables, reinit_pos_norms, split_out_norms = [], [], []
     resized_tables = {}  # key -> (checkpoint shape, model shape)
-    zero_offsets, problems = [], []
+    zero_offsets, problems, missing = [], [], []
 
     for key, value in target.items():
         lesa = _LESA_MODULE.fullmatch(key)
@@ -92,7 +99,8 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             out[key] = src[key]
             used.add(key)
             continue
-        if lesa and lesa.group(2) == 'position':
+        if lesa and lesa.group(2) == 'position' and (
+                key in src or _lesa_layer_in(key, src)):
             # keep the model's fresh tables: the checkpoint's are trained
             # for other feature sizes (same encoding, another shape) or are
             # of another encoding (classification 'relative')
@@ -100,6 +108,7 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             if key in src:
                 resized_tables[key] = (tuple(src[key].shape),
                                        tuple(value.shape))
+                used.add(key)
             else:
                 reinit_tables.append(key)
             continue
@@ -128,7 +137,8 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             used.add(key)
             split_out_norms.append(key)
             continue
-        if key not in src and 'conv_offset' in key:
+        if key not in src and 'conv_offset' in key and \
+                _owner_loads(key, src):
             out[key] = torch.zeros_like(value)
             zero_offsets.append(key)
             continue
@@ -137,6 +147,7 @@ def transfer_state_dict(source, model, prefix='backbone.'):
                             f'model {tuple(value.shape)}')
         else:
             problems.append(f'{key}: missing from the checkpoint')
+            missing.append(key)
 
     dropped_tables = [
         k for k in src if k not in used and k not in target
@@ -146,10 +157,8 @@ def transfer_state_dict(source, model, prefix='backbone.'):
                   if k not in used and k not in target
                   and k not in dropped_tables]
     problems += [f'{k}: not a parameter of the model' for k in unexpected]
-    if problems:
-        raise ValueError(
-            'the checkpoint does not fit the LESA backbone: ' +
-            '; '.join(problems))
+    leftover = OrderedDict((k, v) for k, v in src.items()
+                           if k not in used and k not in dropped_tables)
 
     def layers(keys):
         return sorted({_LESA_MODULE.fullmatch(k).group(1) for k in keys})
@@ -185,12 +194,15 @@ def transfer_state_dict(source, model, prefix='backbone.'):
     if zero_offsets:
         report.append(f'zero-initialised {len(zero_offsets)} deformable-'
                       f'conv offset tensors absent from the checkpoint')
-    adapted = len(reinit_pos_norms) + len(split_out_norms)
-    unchanged = len(used) - adapted
-    if adapted:
+    adapted_norms = len(reinit_pos_norms) + len(split_out_norms)
+    unchanged = len(used) - adapted_norms - len(resized_tables)
+    if adapted_norms:
         report.append(f'loaded {unchanged} of {len(target)} tensors '
-                      f'unchanged and adapted {adapted} norm tensors from '
-                      f'the checkpoint')
+                      f'unchanged and adapted {adapted_norms} norm tensors '
+                      f'from the checkpoint')
+    elif problems:
+        report.append(f'loaded {unchanged} of {len(target)} tensors '
+                      f'unchanged from the checkpoint')
     else:
         fresh = ['position tables'] * bool(resized_tables or reinit_tables)
         fresh += ['deformable-conv offsets'] * bool(zero_offsets)
@@ -198,7 +210,76 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             f'loaded {unchanged} of {len(target)} tensors unchanged from the '
             f'checkpoint: every tensor of the model' +
             (f' except its {" and ".join(fresh)}' if fresh else ''))
+    if problems:
+        report.append(f'{len(missing)} tensors of the model are missing '
+                      f'from the checkpoint and {len(problems) - len(missing)}'
+                      f' of its tensors do not fit (e.g. {problems[0]})')
+    adapted = bool(dropped_outside or resized_tables or reinit_tables
+                   or dropped_tables or adapted_norms or zero_offsets)
+    return out, leftover, report, problems, adapted
+
+
+def transfer_state_dict(source, model, prefix='backbone.'):
+    """Adapt a checkpoint's backbone weights to ``model``.
+
+    Args:
+        source (dict): Checkpoint or state dict (see
+            :func:`backbone_state_dict`).
+        model (nn.Module): The target backbone, already initialised: its
+            current values are kept wherever the source has nothing to give.
+        prefix (str): Prefix of the backbone keys in ``source``.
+
+    Returns:
+        tuple[OrderedDict, list[str]]: A state dict that loads into ``model``
+        with ``strict=True``, and a short report of what was dropped or
+        re-initialised, and why.
+
+    Raises:
+        ValueError: Naming every key that is missing, unexpected or
+            mis-shaped for a reason the transfer does not cover.
+    """
+    src, dropped_outside = backbone_state_dict(source, prefix)
+    out, _, report, problems, _ = _adapt(src, model.state_dict(),
+                                         dropped_outside)
+    if problems:
+        raise ValueError(
+            'the checkpoint does not fit the LESA backbone: ' +
+            '; '.join(problems))
     return out, report
+
+
+def adapt_on_load(model, state_dict, prefix=''):
+    """Adapt, in place, the part of ``state_dict`` under ``prefix`` to
+    ``model`` as :func:`transfer_state_dict` does; the body of the
+    ``load_state_dict`` pre-hook of the LESA backbones, so that
+    ``load_state_dict``, ``init_cfg=dict(type='Pretrained')`` and a
+    runner's ``load_from`` all load a checkpoint the same way.
+
+    A state dict that fits the model is left untouched. Otherwise the
+    covered cases are adapted (and the report logged); keys that do not fit
+    for another reason are left as they are, for ``load_state_dict`` to
+    report (an error with ``strict=True``; MMEngine's loaders, which load
+    with ``strict=False``, log them).
+    """
+    local = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items()
+                        if k.startswith(prefix))
+    if not local:
+        return
+    src, dropped_outside = backbone_state_dict(local, 'backbone.')
+    out, leftover, report, _, adapted = _adapt(src, model.state_dict(),
+                                               dropped_outside)
+    if not adapted:
+        return
+    for key in local:
+        del state_dict[prefix + key]
+    for part in (out, leftover):
+        for key, value in part.items():
+            state_dict[prefix + key] = value
+    from mmengine.logging import print_log
+    print_log(f'{type(model).__name__}: adapted the checkpoint on load '
+              f'(lesa_mm.utils.transfer):', logger='current')
+    for line in report:
+        print_log(f'  - {line}', logger='current')
 
 
 def load_pretrained_backbone(model, checkpoint, prefix='backbone.',

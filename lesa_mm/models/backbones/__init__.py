@@ -1,3 +1,3 @@
-from .lesa_resnet import LESABottleneck, LESAResNet
+from .lesa_resnet import LESABottleneck, LESAResNet, LESAResNeXt
 
-__all__ = ['LESAResNet', 'LESABottleneck']
+__all__ = ['LESAResNet', 'LESAResNeXt', 'LESABottleneck']

@@ -1,24 +1,26 @@
-"""LESA-ResNet: a ResNet whose chosen 3x3 convolutions are LESA layers.
+"""LESA-ResNet family: ResNets whose chosen 3x3 convolutions are LESA layers.
 
-One implementation for both task families: :class:`LESAResNet` is registered
-in MMDetection's and MMPretrain's ``MODELS``. Parameter names follow their
-ResNet (``conv1``, ``bn1``, ``layerN.M.conv1..3``, ``bn1..3``,
-``downsample.0/1``), so an ordinary ResNet-50 ImageNet checkpoint loads into
-every non-LESA part.
+One implementation for both task families: :class:`LESAResNet` and
+:class:`LESAResNeXt` are registered in MMDetection's and MMPretrain's
+``MODELS``. Parameter names follow their ResNet (``conv1``, ``bn1`` or the
+deep ``stem``, ``layerN.M.conv1..3``, ``bn1..3``, ``downsample``), so with
+LESA in no stage each backbone has exactly the state dict of its stock
+counterpart (MMDetection's ``ResNet``, ``ResNetV1d``, ``ResNeXt``) and an
+ordinary ImageNet checkpoint loads into every non-LESA part.
 """
+import math
 import numbers
 from collections.abc import Sequence
 
 import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import constant_init
+from mmengine.model.weight_init import constant_init, kaiming_init
 from mmengine.utils import to_2tuple
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import ROOT_MODELS as MODELS
 from lesa_mm.registry import register_backbone
-from ..layers.lesa import init_convs_and_norms
 from ..utils import boolean, positive_int, registered_layer_cfg
 
 
@@ -28,14 +30,15 @@ class LESABottleneck(BaseModule):
 
     With ``lesa`` set, ``conv2`` is the attention layer that config builds
     from the ``MODELS`` registry (:class:`LESA` by default) and the block
-    has no ``bn2`` (LESA normalises internally).
+    has no ``bn2`` (LESA normalises internally). Without it the block is
+    MMDetection's ``Bottleneck`` (``groups > 1``: its ResNeXt bottleneck).
 
     Args:
         in_channels (int): Input channels.
         planes (int): Base channels of the stage; the output has
             ``planes * 4``.
         width (int): Bottleneck width (``planes`` for ResNet,
-            ``2 * planes`` for WRN).
+            ``2 * planes`` for WRN-50-2 and ResNeXt-50 32x4d).
         stride (int): Stride of the 3x3 convolution / LESA pooling.
         downsample (nn.Module, optional): Projection of the identity.
         conv_cfg (dict, optional): Config of the ordinary convolutions.
@@ -47,6 +50,8 @@ class LESABottleneck(BaseModule):
             groups=8, pe_type='classification')``; the block adds
             ``in_channels``, ``out_channels`` (both the width), ``stride``,
             ``dcn`` and ``norm_cfg``. None keeps the ordinary 3x3 conv.
+        groups (int): Groups (cardinality) of the ordinary 3x3 conv; a LESA
+            layer takes its own ``groups`` from ``lesa``. Defaults to 1.
         init_cfg (dict, optional): Init config.
     """
 
@@ -62,6 +67,7 @@ class LESABottleneck(BaseModule):
                  norm_cfg=dict(type='BN', requires_grad=True),
                  dcn=None,
                  lesa=None,
+                 groups=1,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         out_channels = planes * self.expansion
@@ -83,7 +89,7 @@ class LESABottleneck(BaseModule):
         else:
             self.conv2 = build_conv_layer(
                 dcn or conv_cfg, width, width, 3,
-                stride=stride, padding=1, bias=False)
+                stride=stride, padding=1, groups=groups, bias=False)
             self.add_module('bn2', build_norm_layer(norm_cfg, width)[1])
         self.conv3 = build_conv_layer(
             conv_cfg, width, out_channels, 1, bias=False)
@@ -104,15 +110,28 @@ class LESABottleneck(BaseModule):
 
 @register_backbone
 class LESAResNet(BaseModule):
-    """ResNet / Wide-ResNet with LESA layers (arXiv:2107.05637).
+    """ResNet / ResNet-D / Wide-ResNet with LESA layers (arXiv:2107.05637).
 
     Defaults build the ImageNet LESA-ResNet-50 (output stride 16). The
     detection backbone uses ``strides=(1, 2, 2, 2)``,
     ``pe_type='detection_qr'`` and the feature sizes of its input, e.g.
-    ``feat_sizes=(256, 128, 64, 32)`` at 1024x1024.
+    ``feat_sizes=(256, 128, 64, 32)`` at 1024x1024. With
+    ``stage_with_lesa`` all False it is MMDetection's ``ResNet`` (with
+    ``deep_stem=True, avg_down=True``: its ``ResNetV1d``), key for key and
+    output for output. :class:`LESAResNeXt` adds grouped bottlenecks.
+
+    A checkpoint loaded into the backbone by any route (``load_state_dict``,
+    ``init_cfg=dict(type='Pretrained', ...)``, a runner's ``load_from``) is
+    adapted on the way in (:func:`lesa_mm.utils.transfer.adapt_on_load`,
+    ``docs/lesa.md`` section 9): position tables trained for another feature
+    size are re-initialised, a ``'classification'`` ImageNet checkpoint is
+    adapted to ``'detection_qr'``, a whole classifier's or detector's
+    checkpoint gives its ``backbone.`` part, missing deformable-conv offsets
+    start at zero; the log reports what was adapted. Anything else that
+    does not fit is left to ``load_state_dict`` to report.
 
     Args:
-        depth (int): 50 or 101.
+        depth (int): 50, 101 or 152.
         in_channels (int): Input image channels. Defaults to 3.
         stem_channels (int): Stem output channels. Defaults to 64.
         base_channels (int): ``planes`` of the first stage. Defaults to 64.
@@ -127,13 +146,14 @@ class LESAResNet(BaseModule):
             stride`` for a strided first block).
             Defaults to ``(56, 28, 14, 14)`` (224 input, output stride 16).
         stage_with_lesa (Sequence[bool]): Stages whose 3x3 convs are LESA
-            layers. Defaults to ``(False, False, True, True)``.
+            layers; any stage may. Defaults to ``(False, False, True, True)``.
         stage_with_first_conv (Sequence[bool]): In a LESA stage, whether the
             first block keeps its ordinary 3x3 conv.
             Defaults to ``(True, True, True, False)``.
         pe_type (str): LESA position encoding, ``'classification'`` or
             ``'detection_qr'``. Defaults to ``'classification'``.
-        lesa_groups (int): LESA heads / unary groups. Defaults to 8.
+        lesa_groups (int): LESA heads, which are also the groups of LESA's
+            unary 3x3 conv. Defaults to 8.
         attn_impl (str): LESA binary-term kernel, ``'fused'`` or
             ``'reference'`` (see :class:`LESA`). Defaults to ``'fused'``.
         lesa (dict): Config of the attention layer of the LESA stages,
@@ -159,17 +179,23 @@ class LESAResNet(BaseModule):
         stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
             Defaults to ``(False, False, False, False)``.
         with_cp (bool): Gradient-checkpoint the unary and binary terms of
-            every LESA layer. Defaults to False.
+            every LESA layer (ordinary blocks are not checkpointed).
+            Defaults to False.
         zero_init_residual (bool): Zero-init the last norm of each block
             (without a pretrained checkpoint). The authors' detection
             backbone does, and the detection configs set it; their ImageNet
             models do not. Defaults to False.
+        deep_stem (bool): Three 3x3 convs (``stem``) instead of the 7x7
+            ``conv1`` (ResNet-D). Defaults to False.
+        avg_down (bool): Downsample the identity with an average pool before
+            a stride-1 projection (ResNet-D). Defaults to False.
         init_cfg (dict | list[dict], optional): Init config, e.g.
-            ``dict(type='Pretrained', checkpoint=...)``. Without one, the
-            spec's initialisation is applied.
+            ``dict(type='Pretrained', checkpoint=...)``, applied after the
+            spec's initialisation.
     """
 
-    arch_settings = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+    arch_settings = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                     152: (3, 8, 36, 3)}
 
     def __init__(self,
                  depth=50,
@@ -194,22 +220,27 @@ class LESAResNet(BaseModule):
                  stage_with_dcn=(False, False, False, False),
                  with_cp=False,
                  zero_init_residual=False,
+                 deep_stem=False,
+                 avg_down=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        owner = type(self).__name__
         if depth not in self.arch_settings:
-            raise ValueError(f'LESAResNet depth must be one of '
+            raise ValueError(f'{owner} depth must be one of '
                              f'{tuple(self.arch_settings)}, got {depth!r}')
         stage_blocks = self.arch_settings[depth]
         num_stages = len(stage_blocks)
-        owner = 'LESAResNet'
         in_channels = positive_int(owner, 'in_channels', in_channels)
-        stem_channels = positive_int(owner, 'stem_channels', stem_channels)
+        stem_channels = positive_int(owner, 'stem_channels', stem_channels,
+                                     minimum=2 if deep_stem else 1)
         base_channels = positive_int(owner, 'base_channels', base_channels)
         width_per_group = positive_int(owner, 'width_per_group',
                                        width_per_group)
         lesa_groups = positive_int(owner, 'lesa_groups', lesa_groups)
         for name, value in (('norm_eval', norm_eval), ('with_cp', with_cp),
-                            ('zero_init_residual', zero_init_residual)):
+                            ('zero_init_residual', zero_init_residual),
+                            ('deep_stem', deep_stem),
+                            ('avg_down', avg_down)):
             boolean(owner, name, value)
         registered_layer_cfg(owner, 'norm_cfg', norm_cfg, dict(type='BN'))
         registered_layer_cfg(owner, 'conv_cfg', conv_cfg, dict(type='Conv2d'),
@@ -242,19 +273,17 @@ class LESAResNet(BaseModule):
             raise ValueError(f'{owner} frozen_stages must be in '
                              f'[-1, {num_stages}], got {frozen_stages!r}')
         self.depth = depth
+        self.base_channels = base_channels
+        self.width_per_group = width_per_group
         self.out_indices = tuple(int(i) for i in out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.zero_init_residual = zero_init_residual
         self.with_cp = with_cp
+        self.deep_stem = deep_stem
+        self.avg_down = avg_down
 
-        self.conv1 = build_conv_layer(
-            conv_cfg, in_channels, stem_channels, 7, stride=2, padding=3,
-            bias=False)
-        self.add_module('bn1', build_norm_layer(norm_cfg, stem_channels)[1])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-
+        self._make_stem(in_channels, stem_channels, conv_cfg, norm_cfg)
         in_ch = stem_channels
         self.res_layers = []
         for i, num_blocks in enumerate(stage_blocks):
@@ -265,9 +294,8 @@ class LESAResNet(BaseModule):
                     lesa, groups=lesa_groups, pe_type=pe_type,
                     with_cp=with_cp, attn_impl=attn_impl)
             layer = self._make_stage(
-                in_ch, planes, planes * width_per_group // 64, num_blocks,
-                strides[i], feat_sizes[i], stage_lesa,
-                stage_with_first_conv[i],
+                in_ch, planes, num_blocks, strides[i], feat_sizes[i],
+                stage_lesa, stage_with_first_conv[i],
                 dcn if stage_with_dcn[i] else None, conv_cfg, norm_cfg)
             in_ch = planes * LESABottleneck.expansion
             name = f'layer{i + 1}'
@@ -275,17 +303,51 @@ class LESAResNet(BaseModule):
             self.res_layers.append(name)
         self.feat_dim = in_ch
         self._freeze_stages()
+        # adapt whatever checkpoint is loaded, by whichever route
+        self._register_load_state_dict_pre_hook(self._adapt_on_load)
 
-    @staticmethod
-    def _make_stage(in_channels, planes, width, num_blocks, stride, feat_size,
+    def block_width(self, planes):
+        """Width and groups of the 3x3 conv of a stage's bottlenecks."""
+        return planes * self.width_per_group // 64, 1
+
+    def _make_stem(self, in_channels, stem_channels, conv_cfg, norm_cfg):
+        def conv_norm(cin, cout, kernel_size, stride):
+            return [build_conv_layer(conv_cfg, cin, cout, kernel_size,
+                                     stride=stride, padding=kernel_size // 2,
+                                     bias=False),
+                    build_norm_layer(norm_cfg, cout)[1]]
+
+        if self.deep_stem:  # MMDetection's ResNetV1d stem
+            half = stem_channels // 2
+            self.stem = nn.Sequential(
+                *conv_norm(in_channels, half, 3, 2), nn.ReLU(inplace=True),
+                *conv_norm(half, half, 3, 1), nn.ReLU(inplace=True),
+                *conv_norm(half, stem_channels, 3, 1), nn.ReLU(inplace=True))
+        else:
+            conv, norm = conv_norm(in_channels, stem_channels, 7, 2)
+            self.conv1 = conv
+            self.add_module('bn1', norm)
+            self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def _make_stage(self, in_channels, planes, num_blocks, stride, feat_size,
                     lesa, first_conv, dcn, conv_cfg, norm_cfg):
         out_channels = planes * LESABottleneck.expansion
+        width, groups = self.block_width(planes)
         downsample = None
         if stride != 1 or in_channels != out_channels:
-            downsample = nn.Sequential(
+            # MMDetection's ResLayer, avg_down included
+            layers = []
+            if self.avg_down:
+                layers.append(nn.AvgPool2d(
+                    kernel_size=stride, stride=stride, ceil_mode=True,
+                    count_include_pad=False))
+            layers += [
                 build_conv_layer(conv_cfg, in_channels, out_channels, 1,
-                                 stride=stride, bias=False),
-                build_norm_layer(norm_cfg, out_channels)[1])
+                                 stride=1 if self.avg_down else stride,
+                                 bias=False),
+                build_norm_layer(norm_cfg, out_channels)[1]]
+            downsample = nn.Sequential(*layers)
         blocks = []
         for b in range(num_blocks):
             block_stride = stride if b == 0 else 1
@@ -302,12 +364,12 @@ class LESAResNet(BaseModule):
                     stride=block_stride,
                     downsample=downsample if b == 0 else None,
                     conv_cfg=conv_cfg, norm_cfg=norm_cfg, dcn=dcn,
-                    lesa=block_lesa))
+                    lesa=block_lesa, groups=groups))
         return nn.Sequential(*blocks)
 
     def _freeze_stages(self):
         if self.frozen_stages >= 0:
-            frozen = [self.conv1, self.bn1]
+            frozen = [self.stem] if self.deep_stem else [self.conv1, self.bn1]
             frozen += [getattr(self, f'layer{i}')
                        for i in range(1, self.frozen_stages + 1)]
             for m in frozen:
@@ -315,42 +377,58 @@ class LESAResNet(BaseModule):
                 for param in m.parameters():
                     param.requires_grad = False
 
+    def _attention_layers(self):
+        return [m.conv2 for m in self.modules()
+                if isinstance(m, LESABottleneck) and m.with_lesa]
+
     def init_weights(self):
-        """The initialisation of ``docs/lesa.md``; with ``init_cfg=dict(
-        type='Pretrained', checkpoint=...)`` the checkpoint is then loaded
-        through :func:`lesa_mm.utils.transfer.load_pretrained_backbone`:
-        an ImageNet checkpoint of the same position encoding loads whole
-        except position tables trained for another size, which are
-        re-initialised; a ``'classification'`` checkpoint is adapted to
-        ``'detection_qr'``. Either way the log reports what was
-        re-initialised."""
-        pretrained = None
+        """The initialisation of ``docs/lesa.md`` for the ordinary layers,
+        then the ``init_cfg`` (e.g. ``Pretrained``, whose checkpoint is
+        adapted on load, see the class docstring).
+
+        Ordinary convolutions are Kaiming-normal (fan_out, relu), norms 1/0,
+        deformable-conv offsets 0, and the last norm of each block 0 with
+        ``zero_init_residual``. The attention layers are left as they are:
+        a LESA layer initialises itself when built; one with its own
+        ``init_cfg`` applies it here.
+        """
+        if self.init_cfg is None or not self.is_init:
+            self._init_from_spec()
         if self.init_cfg is not None:
-            if not isinstance(self.init_cfg, dict) or \
-                    self.init_cfg.get('type') != 'Pretrained':
-                super().init_weights()
-                return
-            pretrained = self.init_cfg
-        self._init_from_spec()
-        if pretrained is not None:
-            from lesa_mm.utils.transfer import load_pretrained_backbone
-            load_pretrained_backbone(
-                self, pretrained['checkpoint'],
-                prefix=pretrained.get('prefix', 'backbone.'))
+            super().init_weights()
 
     def _init_from_spec(self):
-        init_convs_and_norms(self)
+        attention = self._attention_layers()
+        inside = {id(m) for layer in attention for m in layer.modules()}
         for m in self.modules():
-            if isinstance(m, LESABottleneck):
-                if m.with_lesa and hasattr(m.conv2, 'init_weights'):
-                    m.conv2.init_weights()
-                if hasattr(m.conv2, 'conv_offset'):
-                    constant_init(m.conv2.conv_offset, 0)
-                if self.zero_init_residual:
-                    constant_init(m.bn3, 0)
+            if id(m) in inside:
+                continue
+            if isinstance(m, nn.Conv2d):
+                kaiming_init(m, mode='fan_out', nonlinearity='relu',
+                             distribution='normal')
+            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+                constant_init(m, 1, bias=0)
+        for m in self.modules():
+            if not isinstance(m, LESABottleneck):
+                continue
+            if not m.with_lesa and hasattr(m.conv2, 'conv_offset'):
+                constant_init(m.conv2.conv_offset, 0)
+            if self.zero_init_residual:
+                constant_init(m.bn3, 0)
+        for layer in attention:
+            if getattr(layer, 'init_cfg', None) is not None:
+                layer.init_weights()
+
+    def _adapt_on_load(self, state_dict, prefix, *args):
+        from lesa_mm.utils.transfer import adapt_on_load
+        adapt_on_load(self, state_dict, prefix)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.deep_stem:
+            x = self.stem(x)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         outs = []
         for i, name in enumerate(self.res_layers):
             x = getattr(self, name)(x)
@@ -366,3 +444,48 @@ class LESAResNet(BaseModule):
                 if isinstance(m, _BatchNorm):
                     m.eval()
         return self
+
+
+@register_backbone
+class LESAResNeXt(LESAResNet):
+    """ResNeXt with LESA layers: :class:`LESAResNet` whose ordinary 3x3
+    convolutions are grouped, as MMDetection's ``ResNeXt`` (which it equals,
+    key for key and output for output, with LESA in no stage).
+
+    The bottleneck width is ``floor(planes * base_width / base_channels) *
+    groups`` (``planes`` when ``groups == 1``), e.g. 128, 256, 512, 1024 for
+    32x4d; a LESA layer replaces the block's grouped 3x3 with the same
+    width in and out.
+
+    Cardinality and LESA heads are independent: ``groups`` (the cardinality)
+    groups the ordinary 3x3 convolutions only; a LESA layer's heads, and
+    the groups of its unary 3x3 convolution, are ``lesa_groups`` (8 by
+    default, as in LESA-ResNet). Tying the heads to the cardinality would
+    leave each head ``width / (2 * 32)`` query/key channels (8 in stage 3 of
+    32x4d) against LESA's 32, and would make the unary term a convolution of
+    4-channel groups; the LESA recipes keep 8 heads at any width.
+
+    Args:
+        groups (int): Cardinality of the ordinary 3x3 convolutions.
+            Defaults to 32.
+        base_width (int): Width of each group at ``base_channels`` planes.
+            Defaults to 4.
+        **kwargs: The arguments of :class:`LESAResNet` (but
+            ``width_per_group``: the width follows from ``groups`` and
+            ``base_width``).
+    """
+
+    def __init__(self, groups=32, base_width=4, **kwargs):
+        owner = type(self).__name__
+        if 'width_per_group' in kwargs:
+            raise ValueError(f'{owner} takes its width from groups and '
+                             f'base_width, not width_per_group')
+        self.groups = positive_int(owner, 'groups', groups)
+        self.base_width = positive_int(owner, 'base_width', base_width)
+        super().__init__(**kwargs)
+
+    def block_width(self, planes):
+        if self.groups == 1:
+            return planes, 1
+        width = math.floor(planes * self.base_width / self.base_channels)
+        return width * self.groups, self.groups
