@@ -10,6 +10,7 @@
 # mask-rcnn_lesa-r50.py for the alternatives).
 _base_ = [
     'mmdet::htc/htc_r50_fpn_20e_coco.py',
+    './_base_/lesa-detection-backbone.py',
 ]
 
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
@@ -19,29 +20,11 @@ imagenet_checkpoint = 'checkpoints/lesa-wrn50-qr_in1k.pth'
 
 model = dict(
     backbone=dict(
+        _base_.lesa_backbone,  # the LESA detection backbone, widened
         _delete_=True,
-        type='LESAResNet',
-        depth=50,
         width_per_group=128,
-        strides=(1, 2, 2, 2),
         # stage output sizes at 1280x1280 (strides 4, 8, 16, 32)
         feat_sizes=(320, 160, 80, 40),
-        stage_with_lesa=(False, False, True, True),
-        stage_with_first_conv=(True, True, True, False),
-        pe_type='detection_qr',
-        lesa_groups=8,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, True, True, True),
-        with_cp=True,
-        # each residual branch starts at zero (its last norm), as in the
-        # authors' detection backbone and MMDetection's ResNet: from scratch
-        # (init_cfg=None), norm_eval and frozen_stages would otherwise let
-        # the activations blow up; a Pretrained checkpoint overwrites these
-        zero_init_residual=True,
         init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
 
 backend_args = None

@@ -19,6 +19,7 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_20e.py',
     'mmdet::_base_/default_runtime.py',
+    './_base_/lesa-detection-backbone.py',
 ]
 
 custom_imports = dict(imports=['lesa_mm'], allow_failed_imports=False)
@@ -28,28 +29,8 @@ imagenet_checkpoint = 'checkpoints/lesa-resnet50-qr_in1k.pth'
 
 model = dict(
     backbone=dict(
+        _base_.lesa_backbone,  # LESA-ResNet-50, sized for 1024x1024
         _delete_=True,
-        type='LESAResNet',
-        depth=50,
-        strides=(1, 2, 2, 2),
-        # stage output sizes at 1024x1024 (strides 4, 8, 16, 32)
-        feat_sizes=(256, 128, 64, 32),
-        stage_with_lesa=(False, False, True, True),
-        stage_with_first_conv=(True, True, True, False),
-        pe_type='detection_qr',
-        lesa_groups=8,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, True, True, True),
-        with_cp=True,
-        # each residual branch starts at zero (its last norm), as in the
-        # authors' detection backbone and MMDetection's ResNet: from scratch
-        # (init_cfg=None), norm_eval and frozen_stages would otherwise let
-        # the activations blow up; a Pretrained checkpoint overwrites these
-        zero_init_residual=True,
         init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
 
 backend_args = None
