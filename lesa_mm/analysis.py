@@ -14,7 +14,8 @@ additions to MMEngine's handles:
 
 Example:
     >>> from lesa_mm.analysis import complexity_info
-    >>> info = complexity_info(model.eval(), torch.randn(1, 3, 224, 224))
+    >>> model.eval()
+    >>> info = complexity_info(model, torch.randn(1, 3, 224, 224))
     >>> info['flops'], info['params'], info['by_module']['backbone']
 """
 import math
@@ -180,12 +181,13 @@ class LESAFlopAnalyzer(FlopAnalyzer):
     output norm: ordinary modules, counted by the ordinary handles) is the
     kernel's work; it is taken out of the module and of its ancestors and
     replaced by :meth:`LESABinary.attention_macs`, under the operator
-    ``'lesa_attention'``. The BatchNorm over the logits (``logit_norm``) is
-    replaced as well (the reference kernel applies it to the ``L x L``
-    logits, the fused one folds it into per-head scales), and the replaced
-    children read 0. The count is
-    therefore the same for ``attn_impl='fused'`` and ``'reference'``; so
-    are the ops left uncounted (:meth:`unsupported_ops`).
+    ``'lesa_attention'``; the replaced children (``position``,
+    ``logit_norm``) read 0. The BatchNorm over the logits is replaced too:
+    the reference kernel applies it to the ``L x L`` logits, the fused one
+    folds it into per-head scales, and the method's MACs count neither. The
+    count is therefore the same for ``attn_impl='fused'`` and
+    ``'reference'``; so are the ops left uncounted
+    (:meth:`unsupported_ops`).
 
     Args:
         model (nn.Module): The model to analyse.
