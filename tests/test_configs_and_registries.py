@@ -7,7 +7,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from conftest import REPO_ROOT
-from lesa_mm.models import LESAResNet
+from lesa_mm.models import LESAResNet, LESAResNeXt
 from lesa_mm.utils import build_model_from_config
 
 IN1K_CONFIGS = {
@@ -17,6 +17,9 @@ IN1K_CONFIGS = {
     # for 14x14 maps, 2g logit-norm and C output-norm channels
     'configs/lesa/lesa-resnet50-qr_4xb32_in1k.py': 23_505_992,
     'configs/lesa/lesa-wrn50-qr_4xb32_in1k.py': 60_602_984,
+    # LESAResNeXt: LESA layers 512 and 1024 wide, as in WRN-50-2, in place
+    # of grouped 3x3s (stock ResNeXt-50 32x4d: 25,028,904)
+    'configs/lesa/lesa-resnext50-32x4d_4xb32_in1k.py': 56_146_216,
 }
 # each detection_qr ImageNet config and the classification config it copies
 QR_CONFIGS = {
@@ -116,6 +119,7 @@ def test_backbone_in_both_registries(scope):
     import importlib
     registry = importlib.import_module(f'{scope}.registry').MODELS
     assert registry.get('LESAResNet') is LESAResNet
+    assert registry.get('LESAResNeXt') is LESAResNeXt
     # the layer lives in MMEngine's root registry, reachable from both
     assert registry.get('LESA').__name__ == 'LESA'
 

@@ -128,6 +128,19 @@ def test_detection_qr_pretraining_entries(models):
         assert m['Metadata']['Parameters'] == params
 
 
+def test_resnet_family_entries_have_no_results(models):
+    """LESA in other ResNet-family backbones: listed with their size, and
+    without results (nobody has published any)."""
+    by_name = {m['Name']: m for m in models}
+    for name, params in (('lesa-resnext50-32x4d_4xb32_in1k', 56_146_216),
+                         ('mask-rcnn_lesa-x101-32x4d', 126_941_804)):
+        m = by_name[name]
+        assert 'Results' not in m, name
+        assert m['Metadata']['Parameters'] == params
+        assert m['Metadata']['FLOPs'] > 0
+        assert 'ResNeXt' in m['Metadata']['Architecture']
+
+
 def test_demo_entries_list_our_measurements(models):
     demos = [m for m in models if m['Config'].startswith('configs/demo/')]
     assert len(demos) == 2
@@ -148,4 +161,4 @@ def test_modelindex_loads():
     finally:
         os.chdir(cwd)
     assert not errors
-    assert len(index.models) == 9
+    assert len(index.models) == 11
