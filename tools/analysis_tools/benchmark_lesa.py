@@ -14,7 +14,8 @@ train mode, a forward, the backward of the sum of the outputs and zeroed
 gradients (``--mode train``). Time: the median per step of
 :meth:`torch.utils.benchmark.Timer.blocked_autorange`. Peak memory: the
 peak resident set of the process (``ru_maxrss``: interpreter, weights and
-steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA. FLOPs: of
+steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; the same
+before the steps is printed beside it. FLOPs: of
 one image, :func:`lesa_mm.analysis.complexity_info` (the attention counted
 as the method's MACs, whichever kernel).
 
@@ -87,8 +88,9 @@ def measure(spec):
 
     Returns:
         dict: ``time`` (median seconds per step), ``runs`` (timed steps),
-        ``peak_mib`` (peak RSS of the process on the CPU, peak allocation on
-        CUDA) and ``flops`` (of a batch of one).
+        ``peak_mib`` (:func:`peak_memory` after the steps), ``base_mib``
+        (the same before them: interpreter, libraries, weights, input) and
+        ``flops`` (of a batch of one).
     """
     device = torch.device(spec['device'])
     torch.set_num_threads(spec['threads'])
@@ -108,20 +110,27 @@ def measure(spec):
     model.train(spec['mode'] == 'train')
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+    base = peak_memory(device)
     timer = Timer('step()', globals=dict(step=step),
                   num_threads=spec['threads'])
     timer.timeit(spec['warmup'])
     times = timer.blocked_autorange(min_run_time=spec['min_run_time'])
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device)
-    else:  # KiB on Linux, bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-            1 if sys.platform == 'darwin' else 1024)
+    peak = peak_memory(device)
     image = torch.randn(1, channels, *spec['shape'], device=device)
     model.eval()  # (some backbones' train() does not return the model)
     flops = complexity_info(model, image, show_table=False)['flops']
     return dict(time=times.median, runs=len(times.raw_times) *
-                times.number_per_run, peak_mib=peak / 2**20, flops=flops)
+                times.number_per_run, base_mib=base / 2**20,
+                peak_mib=peak / 2**20, flops=flops)
+
+
+def peak_memory(device):
+    """Bytes: the peak allocation on CUDA, else the peak RSS of this
+    process."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == 'darwin' else rss * 1024  # Linux: KiB
 
 
 def run_in_subprocess(spec):
@@ -164,12 +173,13 @@ def run(args, out=sys.stdout):
     print(f'{what}, {args.mode}, input {args.batch}x{channels}x'
           f'{args.shape[0]}x{args.shape[1]}, {args.device}, {args.threads} '
           f'threads\n\n'
-          '| subject | time/step (ms) | runs | peak mem (MiB) | time ratio '
-          '| mem ratio | GFLOPs (1 image) | FLOPs ratio |\n'
-          '|---|---:|---:|---:|---:|---:|---:|---:|', file=out)
+          '| subject | time/step (ms) | runs | peak mem (MiB) | before steps '
+          '(MiB) | time ratio | mem ratio | GFLOPs (1 image) | FLOPs ratio '
+          '|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|', file=out)
     for r in rows:
         print(f'| {r["name"]} | {r["time"] * 1e3:.1f} | {r["runs"]} | '
-              f'{r["peak_mib"]:.0f} | {r["time_ratio"]:.2f} | '
+              f'{r["peak_mib"]:.0f} | {r["base_mib"]:.0f} | '
+              f'{r["time_ratio"]:.2f} | '
               f'{r["mem_ratio"]:.2f} | {r["flops"] / 1e9:.3g} | '
               f'{r["flops_ratio"]:.2f} |', file=out)
     return rows
