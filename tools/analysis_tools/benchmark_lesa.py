@@ -153,7 +153,7 @@ def specs(args):
     return [dict(common, name=name) for name in names]
 
 
-def run(args, out=sys.stdout):
+def run(args, out=None):
     """Measure every subject in its own process and print a markdown table.
 
     Returns:
@@ -232,7 +232,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, out=sys.stdout):
+def main(argv=None, out=None):
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
