@@ -65,6 +65,13 @@ def unskew(y):
     return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
 
 
+def _window_sums(x, length):
+    """``out[..., i] = sum_{m=i}^{i+L-1} x[..., m]`` for ``x (..., 2L-1)``:
+    differences of a running sum, ``O(L)`` per row."""
+    running = F.pad(x.cumsum(-1), (1, 0))
+    return running[..., length:] - running[..., :length]
+
+
 class RelativePosition(nn.Module):
     """Interface of a relative position encoding of the binary term.
 
@@ -349,12 +356,15 @@ class FlattenedRelPos1d(RelativePosition):
         table = self.relative.to(q.dtype)
         sums, sq_sums = [], []
         for x, e in ((q, table[:d]), (k, table[d:2 * d])):
-            window = e.unfold(-1, length, 1).sum(-1)  # (d, L)
-            outer = e.t()[:, :, None] * e.t()[:, None, :]  # (2L-1, d, d)
-            gram = outer.unfold(0, length, 1).sum(-1)  # (L, d, d)
-            sums.append(torch.einsum('ngci,ci->g', x, window))
-            quad = torch.einsum('ngci,icd->ngdi', x, gram)
-            sq_sums.append((quad * x).sum((0, 2, 3)))
+            outer = e[:, None, :] * e[None, :, :]  # (d, d, 2L-1)
+            window, gram = _window_sums(e, length), _window_sums(outer, length)
+            sums.append((x * window).sum((0, 2, 3)))
+            # q_i^T G_i q_i as one batched product over i (contiguous, so
+            # it is not looped per query)
+            n, g = x.shape[:2]
+            x_i = x.permute(3, 0, 1, 2).reshape(length, n * g, d)
+            quad = torch.bmm(x_i, gram.permute(2, 0, 1).contiguous())
+            sq_sums.append((quad * x_i).sum(-1).view(length, n, g).sum((0, 1)))
         qk_sum, qk_sq, count = content_moments(q, k)
         return (torch.cat([qk_sum, *sums]), torch.cat([qk_sq, *sq_sums]),
                 count)
