@@ -13,9 +13,11 @@ from lesa_mm.utils import build_model_from_config
 from lesa_mm.utils.launch import load_config
 from lesa_mm.utils.transfer import transfer_state_dict
 
+# every config a user runs (the _base_ files are fragments)
 ALL_CONFIGS = sorted(
-    glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'),
-              recursive=True))
+    p for p in glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'),
+                         recursive=True)
+    if '_base_' not in p.split(os.sep))
 DET_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
                'configs/lesa/htc_lesa-wrn50.py',
                'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py']
