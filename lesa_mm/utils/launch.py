@@ -5,7 +5,7 @@ import os
 import os.path as osp
 
 import torch
-from mmengine.config import Config, DictAction  # noqa: F401
+from mmengine.config import Config, DictAction
 
 DATA_LAYOUTS = {
     'coco': """data/coco/
@@ -28,7 +28,7 @@ def base_parser(description):
     parser.add_argument('config', help='config file path')
     parser.add_argument('--work-dir', help='where to save logs and results')
     parser.add_argument(
-        '--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
+        '--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
         help='override config settings, e.g. train_cfg.max_epochs=1')
     parser.add_argument(
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -44,26 +44,13 @@ def parse_tool_args(parser, argv=None):
     return args
 
 
-def _parse_cfg_options(options):
-    """``['a.b=1', 'c=[1,2]']`` -> dict, parsed as MMEngine's DictAction."""
-    if not options:
-        return {}
-    import argparse
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='opts')(None, namespace, options)
-    return namespace.opts
-
-
 def load_config(path, cfg_options=None, work_dir=None, launcher='none'):
-    """Load a config, apply overrides, pick a work dir, and check that its
-    data exists."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file {path!r} not found')
+    """Load a config, apply the ``cfg_options`` dict (``--cfg-options``),
+    pick a work dir (as MMDetection's tools/train.py does), and check that
+    its data exists."""
     cfg = Config.fromfile(path)
-    overrides = (cfg_options if isinstance(cfg_options, dict) else
-                 _parse_cfg_options(cfg_options))
-    if overrides:
-        cfg.merge_from_dict(overrides)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
         cfg.work_dir = work_dir
