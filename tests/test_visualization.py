@@ -94,19 +94,28 @@ def test_visualize_classification(vis_tool, cls_ckpt, tmp_path):
     check_png(out, figure_size(vis_tool, rows=2))
 
 
-def test_visualize_classification_needs_its_trained_size(
+def test_visualize_classification_serves_only_its_trained_size(
         vis_tool, cls_cfg, cls_ckpt, tmp_path):
-    # any image is resized to the trained size ...
+    # the config's test pipeline keeps a 50x90 image at 50x90: refused with
+    # the LESA layer's message and where the model input came from ...
     image = write_image(tmp_path / 'img.png', 50, 90)
+    with pytest.raises(ValueError, match=r"(?s)serve only the trained "
+                       r"feature size.*model input 50x90 from the config's "
+                       r'test pipeline'):
+        vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'a.png'))
+    # ... --size resizes it to the trained size ...
     info = vis_tool.visualize(cls_cfg, cls_ckpt, image,
                               str(tmp_path / 'a.png'),
-                              layer='layer3.1.conv2', points=[(80, 40)])
+                              layer='layer3.1.conv2', points=[(80, 40)],
+                              size=64)
     assert info['layer'] == 'backbone.layer3.1.conv2'
     assert info['input_size'] == (64, 64) and info['cells'] == [(3, 3)]
-    # ... and another size is refused with the size it needs
-    with pytest.raises(ValueError, match='must be 64x64'):
+    assert info['size_note'] == '--size'
+    # ... and to no other
+    with pytest.raises(ValueError, match='model input 96x96 from --size'):
         vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'b.png'),
                            size=(96, 96))
+    assert not os.path.exists(tmp_path / 'b.png')
 
 
 def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,
@@ -116,6 +125,7 @@ def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,
     info = vis_tool.main([DEMO_DET, det_ckpt, image, '--out', out])
     # the config's fixed 128x128 Resize; three default points
     assert info['input_size'] == (128, 128) and info['grid'] == (4, 4)
+    assert info['size_note'] == "the config's test pipeline"
     assert info['layer'] == 'backbone.layer4.2.conv2'
     assert info['points'][0] == (70, 50) and len(info['cells']) == 3
     check_png(out, figure_size(vis_tool, rows=3))
@@ -132,7 +142,7 @@ def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,
 
 
 def test_visualize_clear_errors(vis_tool, cls_cfg, cls_ckpt, det_ckpt,
-                                tmp_path, capsys):
+                                tmp_path):
     image = write_image(tmp_path / 'img.png', 32, 32)
     with pytest.raises(ValueError) as err:
         vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'x.png'),
@@ -142,12 +152,17 @@ def test_visualize_clear_errors(vis_tool, cls_cfg, cls_ckpt, det_ckpt,
     with pytest.raises(ValueError, match='outside'):
         vis_tool.visualize(cls_cfg, cls_ckpt, image, str(tmp_path / 'x.png'),
                            points=[(32, 3)])
-    for args in ([DEMO_DET, det_ckpt, str(tmp_path / 'none.png')],
-                 [DEMO_DET, str(tmp_path / 'none.pth'), image]):
-        with pytest.raises(SystemExit) as exit_:
-            vis_tool.main(args + ['--out', str(tmp_path / 'x.png')])
-        assert exit_.value.code == 2
-        assert 'not found' in capsys.readouterr().err
+    for missing, args in (("image file 'none.png'",
+                           [DEMO_DET, det_ckpt, 'none.png']),
+                          ("checkpoint file 'none.pth'",
+                           [DEMO_DET, 'none.pth', image])):
+        with pytest.raises(FileNotFoundError, match=f'{missing} not found'):
+            vis_tool.visualize(*args, str(tmp_path / 'x.png'))
+    # the command line: usage error, nothing written
+    with pytest.raises(SystemExit) as exit_:
+        vis_tool.main([DEMO_DET, det_ckpt, 'none.png', '--out',
+                       str(tmp_path / 'x.png')])
+    assert exit_.value.code == 2
     assert not os.path.exists(tmp_path / 'x.png')
 
 

@@ -20,15 +20,15 @@ before it pools) and are upsampled to the image. ``--layer`` takes a module
 name (``backbone.layer3.1.conv2``, or an unambiguous suffix such as
 ``layer3.1.conv2``); default: the last LESA layer with stride 1.
 
-Input size: ``'classification'`` position encodings serve only their
-trained feature size, so the image is resized to ``feat_size x stride``
-(the layer's feature size times the downsampling before it, measured on the
-model). ``'detection_qr'`` serves any size: ``--size H W`` if given, else the
-config's test ``Resize`` (fixed scale, or keep-ratio scale), else the image
-size rounded to a multiple of 32.
+Model input: what the config's test pipeline makes of the image, built as
+MMDetection's ``inference_detector`` and MMPretrain's
+``ImageClassificationInferencer`` build it, then the model's data
+preprocessor (which pads, e.g. to multiples of 32). ``--size H W`` resizes
+the image to ``H x W`` in place of the pipeline's ``Resize``. LESA layers
+with ``'classification'`` position encodings serve only their trained
+feature size: another input size is refused with the layer's message.
 """
 import argparse
-import contextlib
 import copy
 import os
 import os.path as osp
@@ -49,8 +49,6 @@ from lesa_mm.utils import build_model_from_config  # noqa: E402
 PANEL_INCHES = 3.0
 TITLE_INCHES = 0.5
 COLUMNS = 4
-#: Square image used to measure each layer's downsampling.
-PROBE_SIZE = 128
 
 
 class _Captured(Exception):
@@ -127,125 +125,38 @@ def _extract(model, inputs):
     return model.backbone(inputs)
 
 
-@contextlib.contextmanager
-def _shape_only(layers, shapes):
-    """Replace every LESA layer by a stand-in that records its input shape
-    and returns zeros of its output shape (works at any input size)."""
-
-    def stub(name, layer):
-
-        def forward(x):
-            shapes[name] = tuple(x.shape[-2:])
-            h, w = x.shape[-2] // layer.stride, x.shape[-1] // layer.stride
-            return x.new_zeros(x.shape[0], layer.out_channels, h, w)
-
-        return forward
-
-    try:
-        for name, layer in layers.items():
-            layer.forward = stub(name, layer)
-        yield shapes
-    finally:
-        for layer in layers.values():
-            layer.__dict__.pop('forward', None)
-
-
-@torch.no_grad()
-def layer_strides(model, layers, device='cpu'):
-    """Name -> ``(sy, sx)``: image pixels per cell of each layer's input."""
-    shapes = {}
-    probe = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=device)
-    with _shape_only(layers, shapes):
-        _extract(model, probe)
-    return {name: (PROBE_SIZE / h, PROBE_SIZE / w)
-            for name, (h, w) in shapes.items()}
-
-
 # ----------------------------------------------------------------------------
-# input size
+# the model input
 # ----------------------------------------------------------------------------
-def _test_pipeline(cfg):
-    try:
-        pipeline = cfg.test_dataloader.dataset.pipeline
-    except (AttributeError, KeyError):
-        pipeline = None
-    return pipeline or cfg.get('test_pipeline') or []
+def test_pipeline(cfg):
+    """The config's test pipeline for an image array, built as the libraries'
+    inferencers build it: MMDetection's ``inference_detector``
+    (``LoadImageFromNDArray`` in place of ``LoadImageFromFile``), MMPretrain's
+    ``ImageClassificationInferencer`` (no loader; the caller passes the
+    image)."""
+    from mmcv.transforms import Compose
+    if cfg.get('default_scope') == 'mmpretrain':
+        from mmpretrain.datasets import remove_transform
+        from mmpretrain.registry import TRANSFORMS
+        steps = remove_transform(cfg.test_dataloader.dataset.pipeline,
+                                 'LoadImageFromFile')
+        return Compose([TRANSFORMS.build(t) for t in steps])
+    from mmdet.utils import get_test_pipeline_cfg
+    steps = copy.deepcopy(get_test_pipeline_cfg(cfg))
+    steps[0].type = 'mmdet.LoadImageFromNDArray'
+    return Compose(steps)
 
 
-def config_resize(cfg, image_hw):
-    """``(h, w)`` the config's test ``Resize`` gives ``image_hw``, or None."""
-    height, width = image_hw
-    for transform in _test_pipeline(cfg):
-        kind = str(transform.get('type', ''))
-        if not kind.split('.')[-1].endswith('Resize') or \
-                transform.get('scale') is None:
-            continue
-        scale = transform['scale']
-        if isinstance(scale, int):
-            scale = (scale, scale)
-        sw, sh = scale  # OpenMMLab order: (w, h)
-        if not transform.get('keep_ratio', False):
-            return int(sh), int(sw)
-        factor = min(max(sw, sh) / max(height, width),
-                     min(sw, sh) / min(height, width))
-        return int(height * factor + 0.5), int(width * factor + 0.5)
-    return None
-
-
-def model_input_size(cfg, layers, strides, image_hw, size=None):
-    """``(h, w)`` to resize the image to, and a note on where it came from.
-
-    Raises:
-        ValueError: for sizes the position encodings cannot serve.
-    """
-    fixed = {}
-    for name, layer in layers.items():
-        if layer.pe_type != 'classification':
-            continue
-        if name not in strides:
-            raise ValueError(
-                f"cannot tell the input size of {name} ('classification' "
-                'position encodings): the layer is not used by '
-                'extract_feat; pass the size the model was trained at, '
-                'e.g. the crop size of the config\'s pipeline, with --size')
-        (fh, fw), (sy, sx) = layer.feat_size, strides[name]
-        fixed[name] = (int(round(fh * sy)), int(round(fw * sx)))
-    if fixed:
-        sizes = set(fixed.values())
-        if len(sizes) > 1:
-            raise ValueError(f"the 'classification' LESA layers need "
-                             f'different input sizes: {fixed}')
-        need = sizes.pop()
-        if size is not None and tuple(size) != need:
-            raise ValueError(
-                f"this model's LESA layers use 'classification' position "
-                f'encodings, which serve only their trained feature size: '
-                f'the input must be {need[0]}x{need[1]} (feat_size x '
-                f'stride), got --size {size[0]} {size[1]}')
-        return need, "trained size of the 'classification' encodings"
-    if size is not None:
-        return tuple(size), '--size'
-    resized = config_resize(cfg, image_hw)
-    if resized is not None:
-        return resized, "the config's test Resize"
-    height, width = image_hw
-    return ((max(32, int(round(height / 32)) * 32),
-             max(32, int(round(width / 32)) * 32)),
-            'image size rounded to a multiple of 32')
-
-
-# ----------------------------------------------------------------------------
-# the maps
-# ----------------------------------------------------------------------------
-def preprocess(model, image_bgr, size):
-    """The model's input batch of one BGR image resized to ``size``."""
-    import mmcv
-    resized = mmcv.imresize(image_bgr, (size[1], size[0]),
-                            interpolation='bilinear')
-    tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0,
-                                                                      1)))
-    data = model.data_preprocessor({'inputs': [tensor]}, False)
-    return data['inputs']
+def model_input(model, pipeline, image_bgr):
+    """``(inputs, img_shape)``: the batch the model gets for one BGR image
+    (the pipeline, then the data preprocessor), and the image's ``(h, w)``
+    in it (before padding)."""
+    data = pipeline(dict(img=image_bgr, img_shape=image_bgr.shape[:2],
+                         ori_shape=image_bgr.shape[:2], img_id=0))
+    batch = model.data_preprocessor(
+        {'inputs': [data['inputs']], 'data_samples': [data['data_samples']]},
+        False)
+    return batch['inputs'], tuple(data['data_samples'].img_shape)
 
 
 @torch.no_grad()
@@ -381,8 +292,10 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     ``input_size``, ``padded_size``, ``grid``, ``cells``, ``points``,
     ``out``)."""
     import mmcv
+    from mmcv.transforms import Resize
+    from mmengine.utils import to_2tuple
     if not osp.isfile(image):
-        raise FileNotFoundError(f'image {image!r} not found')
+        raise FileNotFoundError(f'image file {image!r} not found')
     image_bgr = mmcv.imread(image, flag='color')
     if image_bgr is None:
         raise ValueError(f'cannot read {image!r} as an image')
@@ -393,19 +306,31 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
         if not (0 <= x < img_w and 0 <= y < img_h):
             raise ValueError(f'point ({x:g}, {y:g}) lies outside the '
                              f'{img_w}x{img_h} (WxH) image')
-    if size is not None and (len(size) != 2 or min(size) < 1):
-        raise ValueError(f'--size takes H W, got {size}')
+    if size is not None:
+        size = to_2tuple(size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f'--size takes H W, got {size}')
     cfg, model = load_model(config, checkpoint, device)
 
     layers = lesa_layers(model)
     name = select_layer(layers, layer)
     lesa = layers[name]
-    strides = layer_strides(model, layers, device)
-    input_hw, size_note = model_input_size(cfg, layers, strides, image_hw,
-                                           size)
-    inputs = preprocess(model, image_bgr, input_hw)
+    pipeline = test_pipeline(cfg)
+    size_note = "the config's test pipeline"
+    model_image = image_bgr
+    if size is not None:  # in place of the pipeline's Resize
+        model_image = mmcv.imresize(image_bgr, (size[1], size[0]),
+                                    interpolation='bilinear')
+        pipeline.transforms = [t for t in pipeline.transforms
+                               if not isinstance(t, Resize)]
+        size_note = '--size'
+    inputs, input_hw = model_input(model, pipeline, model_image)
     padded_hw = tuple(inputs.shape[-2:])
-    x = layer_input(model, lesa, inputs)
+    try:
+        x = layer_input(model, lesa, inputs)
+    except ValueError as err:  # e.g. 'classification' encodings
+        raise ValueError(f'{err} (model input {input_hw[0]}x{input_hw[1]} '
+                         f'from {size_note})') from err
     grid_h, grid_w = x.shape[-2:]
 
     cells = []
@@ -470,8 +395,9 @@ def parse_args(argv=None):
                         metavar='X,Y', help='query points in image pixels '
                         '(default: centre and two quarter points)')
     parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'),
-                        help="model input size ('detection_qr' only; "
-                        "'classification' needs its trained size)")
+                        help="resize the image to H x W in place of the "
+                        "config's test Resize ('classification' encodings "
+                        'serve only their trained size)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dpi', type=int, default=100)
     parser.add_argument('--interpolation', choices=['bilinear', 'nearest'],
