@@ -7,7 +7,9 @@ The config's ``default_scope`` picks the inferencer: MMDetection's
 ``DetInferencer`` for ``mmdet`` configs (boxes and masks above
 ``--score-thr`` drawn into FILE.png), MMPretrain's
 ``ImageClassificationInferencer`` for ``mmpretrain`` configs (the ``--topk``
-classes drawn into FILE.png). The predictions are printed too.
+classes drawn into FILE.png). The predictions are printed too; ``main``
+returns them (``predictions``: ``(class, score, box)`` per detection,
+``(class, score)`` per class) with the inferencer's data sample.
 
 Everything stays local: the config and the checkpoint are given as files,
 nothing is looked up in a model zoo. Class names come from the checkpoint's
@@ -39,11 +41,6 @@ def config_classes(cfg):
     return list(cfg['classes']) if cfg.get('classes') else None
 
 
-def _without(pipeline, name):
-    return [t for t in pipeline if str(t.get('type', '')).split('.')[-1]
-            != name]
-
-
 def run_detection(cfg, image, checkpoint, out, score_thr, device):
     import mmcv
     from mmdet.apis import DetInferencer
@@ -60,9 +57,6 @@ def run_detection(cfg, image, checkpoint, out, score_thr, device):
                 if classes:
                     model.dataset_meta['classes'] = classes
 
-    # an image has no annotations to load
-    cfg.test_dataloader.dataset.pipeline = _without(
-        cfg.test_dataloader.dataset.pipeline, 'LoadAnnotations')
     inferencer = _Inferencer(model=cfg, weights=checkpoint, device=device,
                              show_progress=False)
     result = inferencer(image, return_datasamples=True, no_save_pred=True,
@@ -71,14 +65,16 @@ def run_detection(cfg, image, checkpoint, out, score_thr, device):
     classes = inferencer.model.dataset_meta['classes']
     instances = sample.pred_instances
     keep = instances.scores >= score_thr
-    print(f'{int(keep.sum())} detections with score >= {score_thr} '
+    predictions = [(classes[int(label)], float(score),
+                    tuple(float(v) for v in box))
+                   for label, score, box in zip(instances.labels[keep],
+                                                instances.scores[keep],
+                                                instances.bboxes[keep])]
+    print(f'{len(predictions)} detections with score >= {score_thr} '
           f'({len(instances)} in all):')
-    for label, score, box in zip(instances.labels[keep],
-                                 instances.scores[keep],
-                                 instances.bboxes[keep]):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        print(f'  {classes[int(label)]:<12s} {float(score):.3f}  box '
-              f'({x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f})')
+    for name, score, box in predictions:
+        print(f'  {name:<12s} {score:.3f}  box '
+              f'({box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f})')
 
     # draw on an upscaled copy when the image is small
     img = mmcv.imread(image, channel_order='rgb')
@@ -95,7 +91,7 @@ def run_detection(cfg, image, checkpoint, out, score_thr, device):
     inferencer.visualizer.add_datasample(
         osp.basename(image), img, sample, draw_gt=False,
         pred_score_thr=score_thr, show=False, out_file=out)
-    return sample
+    return result['predictions'][0], predictions
 
 
 def run_classification(cfg, image, checkpoint, out, topk, device):
@@ -112,10 +108,12 @@ def run_classification(cfg, image, checkpoint, out, topk, device):
     k = min(topk, scores.numel())
     top_scores, top_labels = scores.topk(k)
     classes = inferencer.classes
+    predictions = [(classes[int(label)] if classes else str(int(label)),
+                    float(score))
+                   for label, score in zip(top_labels, top_scores)]
     print(f'top-{k}:')
-    for rank, (label, score) in enumerate(zip(top_labels, top_scores), 1):
-        name = classes[int(label)] if classes else str(int(label))
-        print(f'  {rank}. {name:<12s} {float(score):.3f}')
+    for rank, (name, score) in enumerate(predictions, 1):
+        print(f'  {rank}. {name:<12s} {score:.3f}')
 
     img = mmcv.imread(image, channel_order='rgb')
     drawn = sample.clone()
@@ -124,7 +122,7 @@ def run_classification(cfg, image, checkpoint, out, topk, device):
     visualizer.visualize_cls(
         img, drawn, classes=classes, draw_gt=False, draw_pred=True,
         resize=max(MIN_DRAW_SIDE, min(img.shape[:2])), out_file=out)
-    return sample
+    return sample, predictions
 
 
 def parse_args(argv=None):
@@ -154,26 +152,26 @@ def main(argv=None):
         parser.error('--topk must be at least 1')
     cfg = Config.fromfile(args.config)
     scope = cfg.get('default_scope')
-    if scope in ('mmdet', 'mmpretrain'):
-        # the inferencers build transforms in the current default scope
-        init_default_scope(scope)
-    out_dir = osp.dirname(osp.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
     if scope not in ('mmdet', 'mmpretrain'):
         parser.error(f"the config's default_scope is {scope!r}; expected "
                      "'mmdet' or 'mmpretrain'")
+    # the inferencers build transforms in the current default scope
+    init_default_scope(scope)
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     try:
         if scope == 'mmdet':
-            result = run_detection(cfg, args.image, args.checkpoint,
-                                   args.out, args.score_thr, args.device)
+            sample, predictions = run_detection(
+                cfg, args.image, args.checkpoint, args.out, args.score_thr,
+                args.device)
         else:
-            result = run_classification(cfg, args.image, args.checkpoint,
-                                        args.out, args.topk, args.device)
+            sample, predictions = run_classification(
+                cfg, args.image, args.checkpoint, args.out, args.topk,
+                args.device)
     except ValueError as err:
         # e.g. LESA's 'classification' encodings refusing another image size
         parser.error(str(err))
     print(f'drawn to {args.out}')
-    return result
+    return dict(out=args.out, sample=sample, predictions=predictions)
 
 
 if __name__ == '__main__':

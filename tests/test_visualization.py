@@ -214,54 +214,62 @@ def test_plot_curves(tmp_path):
         assert image.size == (1650, 400)  # three panels
 
 
-def test_plot_curves_errors(tmp_path, capsys):
+def test_plot_curves_errors(tmp_path):
+    from lesa_mm.utils.curves import plot_curves
     tool = load_tool('tools/analysis_tools/plot_curves.py')
     empty = tmp_path / 'empty'
     (empty / '20260101_000000' / 'vis_data').mkdir(parents=True)
-    for args in ([str(empty)], [str(tmp_path / 'missing')]):
-        with pytest.raises(SystemExit) as exit_:
-            tool.main(args)
-        assert exit_.value.code == 2
-    assert 'no scalars found' in capsys.readouterr().err
+    for work in (empty, tmp_path / 'missing'):
+        with pytest.raises(FileNotFoundError, match='no scalars found'):
+            plot_curves(str(work))
+    # the command line: a usage error
+    with pytest.raises(SystemExit) as exit_:
+        tool.main([str(empty)])
+    assert exit_.value.code == 2
     write_run(str(tmp_path / 'work'), '20260101_000000', [train_line(1, 1.0)])
-    with pytest.raises(SystemExit):
-        tool.main([str(tmp_path / 'work'), '--keys', 'coco/bbox_mAP'])
-    assert "training entries: ['lr', 'loss'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"training entries: \['lr', 'loss'"):
+        plot_curves(str(tmp_path / 'work'), keys=['coco/bbox_mAP'])
     # a stand-alone test run's metrics (no training lines) are left out
     write_run(str(tmp_path / 'work'), '20260101_010000',
               [{'coco/bbox_mAP': 0.5, 'step': 0}])
-    from lesa_mm.utils.curves import plot_curves
     assert list(plot_curves(str(tmp_path / 'work'))[1]) == ['loss', 'loss_cls']
 
 
 # ----------------------------------------------------------------------------
 # demo/image_demo.py
 # ----------------------------------------------------------------------------
-def test_image_demo_detection(det_ckpt, tmp_path, capsys):
+def test_image_demo_detection(det_ckpt, tmp_path):
     demo = load_tool('demo/image_demo.py')
     image = write_image(tmp_path / 'img.png', 100, 140)
     out = str(tmp_path / 'out' / 'det.png')
-    sample = demo.main([image, DEMO_DET, det_ckpt, '--out', out,
+    result = demo.main([image, DEMO_DET, det_ckpt, '--out', out,
                         '--score-thr', '0.05'])
-    assert sample.ori_shape == (100, 140)
-    printed = capsys.readouterr().out
-    assert 'detections with score >= 0.05' in printed
-    # class names of the config (the checkpoint has no dataset_meta)
-    shown = (sample.pred_instances.scores >= 0.05).sum().item()
-    assert printed.count('box (') == shown
-    assert 'person' not in printed
+    sample, predictions = result['sample'], result['predictions']
+    assert sample.ori_shape == (100, 140) and result['out'] == out
+    # the detections above the threshold, with the config's class names
+    # (the checkpoint has no dataset_meta)
+    scores = sample.pred_instances.scores
+    assert len(predictions) == (scores >= 0.05).sum().item() > 0
+    for name, score, box in predictions:
+        assert name in ('circle', 'square', 'triangle') and score >= 0.05
+        assert len(box) == 4 and 0 <= box[0] <= box[2] <= 140
     with Image.open(out) as drawn:  # drawn 4x larger: 400x560
         assert drawn.format == 'PNG' and drawn.size == (560, 400)
 
 
-def test_image_demo_classification(cls_ckpt, tmp_path, capsys):
+def test_image_demo_classification(cls_ckpt, tmp_path):
     demo = load_tool('demo/image_demo.py')
     image = write_image(tmp_path / 'img.png', 64, 64)
     out = str(tmp_path / 'cls.png')
-    demo.main([image, DEMO_CLS, cls_ckpt, '--out', out, '--topk', '2'])
-    printed = capsys.readouterr().out
-    assert 'top-2:' in printed and '2. ' in printed and '3. ' not in printed
-    assert any(name in printed for name in ('circle', 'square', 'triangle'))
+    result = demo.main([image, DEMO_CLS, cls_ckpt, '--out', out,
+                        '--topk', '2'])
+    predictions = result['predictions']
+    assert len(predictions) == 2  # the top-2, best first
+    assert {name for name, _ in predictions} <= {'circle', 'square',
+                                                 'triangle'}
+    assert predictions[0][1] >= predictions[1][1]
+    assert predictions[0][1] == pytest.approx(
+        result['sample'].pred_score.max().item())
     with Image.open(out) as drawn:
         assert drawn.format == 'PNG' and drawn.size == (384, 384)
 
