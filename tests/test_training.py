@@ -1,6 +1,7 @@
 """Training through the shipped tools on tiny synthetic data: resume after
 an interruption, two-process CPU training, the generator's determinism."""
 import filecmp
+import glob
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 from lesa_mm.datasets import ensure_synthetic_data, make_coco_shapes
+from lesa_mm.utils.curves import load_scalars
 
 DEMO_DET = 'configs/demo/mask-rcnn_lesa-r50-slim_shapes.py'
 
@@ -34,45 +36,43 @@ def tiny_det_options(root, max_iters=4):
 
 
 def run(cmd, cwd=REPO_ROOT, timeout=600):
+    """Run a command line; it must succeed (its output shown if not)."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
-def train_lrs(work_dir):
-    """iteration -> lr from the run's scalars.json files."""
-    lrs = {}
-    for dirpath, _, files in os.walk(work_dir):
-        if 'scalars.json' in files:
-            with open(os.path.join(dirpath, 'scalars.json')) as f:
-                for line in f:
-                    record = json.loads(line)
-                    if 'lr' in record:
-                        lrs[record['step']] = record['lr']
-    return lrs
+def train_lrs(work_dir, runs='all'):
+    """Iteration -> lr of the runs' scalars.json (of the newest run only
+    with ``runs='latest'``)."""
+    train, _ = load_scalars(work_dir, runs=runs)
+    return {r['step']: r['lr'] for r in train}
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
+def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
     data, work = str(tmp_path / 'data'), str(tmp_path / 'work')
-    train = [sys.executable, 'tools/train.py', DEMO_DET, '--work-dir', work]
-    run(train + ['--cfg-options'] + tiny_det_options(data))
+    train = ['tools/train.py', DEMO_DET, '--work-dir', work]
+    # the command line, end to end: checkpoints and logged scalars
+    run([sys.executable] + train + ['--cfg-options'] +
+        tiny_det_options(data))
+    assert os.path.isfile(os.path.join(work, 'iter_4.pth'))
     reference = train_lrs(work)
     assert sorted(reference) == [1, 2, 3, 4]
     # interrupted after the checkpoint of iteration 2
     os.remove(os.path.join(work, 'iter_4.pth'))
     with open(os.path.join(work, 'last_checkpoint'), 'w') as f:
         f.write(os.path.join(work, 'iter_2.pth'))
-    resumed_work = str(tmp_path / 'resumed_logs')
-    os.makedirs(resumed_work)
-    out = run(train + ['--resume', '--cfg-options'] + tiny_det_options(data))
-    assert 'resumed epoch: 0, iter: 2' in out
-    assert 'Iter(train) [3/4]' in out and 'Iter(train) [1/4]' not in out
+    monkeypatch.setenv('LOCAL_RANK', '0')  # restored after the test
+    monkeypatch.chdir(REPO_ROOT)
+    runner = load_tool('tools/train.py').main(
+        train[1:] + ['--resume', '--cfg-options'] + tiny_det_options(data))
+    assert runner.iter == 4
     assert os.path.isfile(os.path.join(work, 'iter_4.pth'))
-    # the same schedule: iteration 3 and 4 learning rates as without a break
-    lines = [ln for ln in out.splitlines() if 'Iter(train) [3/4]' in ln]
-    assert f'lr: {reference[3]:.4e}' in lines[0]
+    # the resumed run trains iterations 3 and 4 only, on the same schedule
+    # (the learning rates of a run without a break)
+    resumed = train_lrs(work, runs='latest')
+    assert resumed == {3: reference[3], 4: reference[4]}
 
 
 def test_two_process_cpu_training(tmp_path):
@@ -80,12 +80,16 @@ def test_two_process_cpu_training(tmp_path):
     # generate once, so that the two ranks do not race to write it
     ensure_synthetic_data('coco', data, num_train=8, num_val=4,
                           image_size=128, seed=0)
-    out = run(['bash', 'tools/dist_train.sh', DEMO_DET, '2', '--work-dir', work,
-               '--cfg-options'] + tiny_det_options(data, max_iters=2),
-              timeout=900)
-    assert 'GPU number: 2' in out  # MMEngine's name for the world size
-    assert 'Iter(train) [2/2]' in out
-    assert 'coco/bbox_mAP' in out
+    run(['bash', 'tools/dist_train.sh', DEMO_DET, '2', '--work-dir', work,
+         '--cfg-options'] + tiny_det_options(data, max_iters=2), timeout=900)
+    assert os.path.isfile(os.path.join(work, 'iter_2.pth'))
+    train, val = load_scalars(work)
+    assert [r['step'] for r in train] == [1, 2]
+    assert 'coco/bbox_mAP' in val[-1]
+    # two processes: the world size MMEngine logs (as 'GPU number')
+    logs = glob.glob(os.path.join(work, '*', '*.log'))
+    with open(logs[0]) as f:
+        assert 'GPU number: 2' in f.read()
 
 
 def test_generator_is_deterministic_and_seedable(tmp_path):

@@ -7,7 +7,8 @@ which registries build it.
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
 
-Multi-GPU / multi-node: ``tools/dist_train.sh CONFIG GPUS``. On a machine
+``--cfg-options`` is parsed by MMEngine's ``DictAction``. Multi-GPU /
+multi-node: ``tools/dist_train.sh CONFIG GPUS``. On a machine
 without CUDA, distributed runs use the gloo backend on the CPU.
 """
 import os.path as osp
@@ -55,6 +56,7 @@ def main(argv=None):
     setup_cpu_distributed(cfg)
     runner = build_runner(cfg)
     runner.train()
+    return runner
 
 
 if __name__ == '__main__':
