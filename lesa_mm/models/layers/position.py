@@ -58,11 +58,10 @@ def skew(x):
 def unskew(y):
     """The layout :func:`skew` reads: ``(..., L, L) -> (..., L, 2L - 1)``
     with ``x[i, j - i + L - 1] = y[i, j]`` and zeros elsewhere."""
-    *batch, length, _ = y.shape
-    if length == 1:
-        return y
-    flat = F.pad(y, (0, length - 2)).reshape(*batch, length * (2 * length - 2))
-    return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
+    length = y.shape[-1]
+    x = y.new_zeros(*y.shape[:-1], 2 * length - 1)
+    skew(x).copy_(y)
+    return x
 
 
 def _window_sums(x, length):
@@ -389,9 +388,11 @@ class FlattenedRelPos1d(RelativePosition):
         eq, ek, ev = self.relative.flip(-1).to(dtype).split(
             [d, d, self.value_channels], dim=0)
         q_t, k_t = q.transpose(-1, -2).to(dtype), k.transpose(-1, -2).to(dtype)
-        logits = (q_t * a) @ k.to(dtype)
-        logits = logits + skew((q_t * b) @ eq)
-        logits = logits + skew((k_t * c) @ ek).transpose(-1, -2)
+        position = (skew((q_t * b) @ eq) +
+                    skew((k_t * c) @ ek).transpose(-1, -2))
+        logits = torch.baddbmm(position.flatten(0, 1),
+                               (q_t * a).flatten(0, 1),
+                               k.to(dtype).flatten(0, 1)).view_as(position)
         attn = logits.softmax(dim=-1)
         o_v = attn @ v.transpose(-1, -2).to(attn.dtype)
         o_e = unskew(attn) @ ev.t().to(attn.dtype)
