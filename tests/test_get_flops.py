@@ -139,6 +139,17 @@ def test_classification_demo(tool):
     # 'classification' positions serve only their trained size
     with pytest.raises(ValueError, match='4x4'):
         tool.main([CLS_DEMO, '--shape', '96'])
+    # the model index carries the tool's figures
+    meta = metafile_entry('lesa-resnet50-slim_shapes')['Metadata']
+    assert (meta['Parameters'], meta['FLOPs']) == (fused['params'],
+                                                   fused['flops'])
+
+
+def metafile_entry(name):
+    import yaml
+    with open(os.path.join(REPO_ROOT, 'configs', 'lesa', 'metafile.yml')) as f:
+        models = yaml.safe_load(f)['Models']
+    return next(m for m in models if m['Name'] == name)
 
 
 def test_detection_demo(tool):
