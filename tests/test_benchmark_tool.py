@@ -40,6 +40,17 @@ def test_layer_in_this_process(tool, mode):
     assert results[0]['flops'] == results[1]['flops'] == expected
 
 
+def test_profile_of_a_step(tool):
+    """``--profile``: the operators of one step of ours (the fused layer
+    runs its attention through scaled_dot_product_attention at 8x6)."""
+    events = tool.main(['--size', '8', '6', '--channels', '32', '--groups',
+                        '4', '--profile', '5'] + QUICK, out=open(os.devnull,
+                                                                 'w'))
+    names = {e.key for e in events}
+    assert 'aten::scaled_dot_product_attention' in names
+    assert 'aten::softmax' not in names  # the reference kernel's
+
+
 def test_model_against_stock(tool):
     """``--subject model`` on the slim classification demo (64x64, its
     trained size): ours and the stock ResNet-50 of the same widths, each in
@@ -83,6 +94,7 @@ def test_failure_names_the_subject(tool):
     ['--batch', '0'],
     ['--mode', 'predict'],
     ['--with-cp', 'yes'],
+    ['--profile', '0'],
 ])
 def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit) as exc:

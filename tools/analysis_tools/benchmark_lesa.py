@@ -19,11 +19,16 @@ before the steps is printed beside it. FLOPs: of
 one image, :func:`lesa_mm.analysis.complexity_info` (the attention counted
 as the method's MACs, whichever kernel).
 
+``--profile N`` instead prints the ``N`` most expensive operators of one
+step of ours (``torch.profiler``, by self time), in this process.
+
 Examples::
 
     python tools/analysis_tools/benchmark_lesa.py --subject layer --size 50
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
         configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --shape 224
+    python tools/analysis_tools/benchmark_lesa.py --subject model \\
+        configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --profile 20
 """
 import argparse
 import json
@@ -80,18 +85,8 @@ def build_subject(spec):
     return MODELS.build(dict(backbone, with_cp=spec['with_cp'])), 3
 
 
-def measure(spec):
-    """Time, peak memory and FLOPs of one subject, in this process.
-
-    Args:
-        spec (dict): One of :func:`specs`.
-
-    Returns:
-        dict: ``time`` (median seconds per step), ``runs`` (timed steps),
-        ``peak_mib`` (:func:`peak_memory` after the steps), ``base_mib``
-        (the same before them: interpreter, libraries, weights, input) and
-        ``flops`` (of a batch of one).
-    """
+def _subject_and_step(spec):
+    """The built subject on its device, in the spec's mode, and its step."""
     device = torch.device(spec['device'])
     torch.set_num_threads(spec['threads'])
     model, channels = build_subject(spec)
@@ -108,6 +103,39 @@ def measure(spec):
         model.zero_grad(set_to_none=True)
 
     model.train(spec['mode'] == 'train')
+    return model, channels, step
+
+
+def profile(spec):
+    """The operators of one step (after a warm-up step), as
+    ``torch.profiler``'s averages per operator, and the key that sorts them
+    by self time on the spec's device."""
+    _, _, step = _subject_and_step(spec)
+    step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if spec['device'].startswith('cuda'):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    key = 'self_cuda_time_total' if len(activities) > 1 else \
+        'self_cpu_time_total'
+    return prof.key_averages(), key
+
+
+def measure(spec):
+    """Time, peak memory and FLOPs of one subject, in this process.
+
+    Args:
+        spec (dict): One of :func:`specs`.
+
+    Returns:
+        dict: ``time`` (median seconds per step), ``runs`` (timed steps),
+        ``peak_mib`` (:func:`peak_memory` after the steps), ``base_mib``
+        (the same before them: interpreter, libraries, weights, input) and
+        ``flops`` (of a batch of one).
+    """
+    device = torch.device(spec['device'])
+    model, channels, step = _subject_and_step(spec)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     base = peak_memory(device)
@@ -215,6 +243,9 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--min-run-time', type=float, default=10.0,
                         help='seconds of timed steps (at least one step)')
+    parser.add_argument('--profile', type=int, metavar='N',
+                        help="print the N costliest operators of a step of "
+                        "ours instead of timing")
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.subject == 'model') != (args.config is not None):
@@ -222,8 +253,8 @@ def parse_args(argv=None):
                      f'got --subject {args.subject} and {args.config!r}')
     if args.shape is not None and len(args.shape) not in (1, 2):
         parser.error(f'--shape/--size takes H or H W, got {args.shape}')
-    for name in ('batch', 'channels', 'groups', 'threads'):
-        if getattr(args, name) < 1:
+    for name in ('batch', 'channels', 'groups', 'threads', 'profile'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be positive, got '
                          f'{getattr(args, name)}')
     shape = args.shape or [224 if args.config else 50]
@@ -237,6 +268,10 @@ def main(argv=None, out=None):
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return None
+    if args.profile:
+        events, key = profile(specs(args)[0])
+        print(events.table(sort_by=key, row_limit=args.profile), file=out)
+        return events
     return run(args, out)
 
 
