@@ -225,13 +225,16 @@ def test_pytorch2onnx_tool(tmp_path, capsys):
 
 # ------------------------------------------------- devices and compilers
 @pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
-def test_fused_path_runs_on_the_meta_device(training):
+@pytest.mark.parametrize('pe_type,feat,size', [
+    ('detection_qr', 32, (40, 24)), ('classification', (8, 6), (8, 6))])
+def test_fused_path_runs_on_the_meta_device(training, pe_type, feat, size):
     """Nothing inside ``forward`` is made on a fixed device: on the meta
     device every tensor must be meta (a CPU tensor would raise)."""
-    layer = LESA(64, 64, feat_size=32, groups=8).to('meta').train(training)
-    x = torch.empty(2, 64, 40, 24, device='meta', requires_grad=training)
+    layer = LESA(64, 64, feat_size=feat, groups=8,
+                 pe_type=pe_type).to('meta').train(training)
+    x = torch.empty(2, 64, *size, device='meta', requires_grad=training)
     y = layer(x)
-    assert y.device.type == 'meta' and y.shape == (2, 64, 40, 24)
+    assert y.device.type == 'meta' and y.shape == (2, 64, *size)
     if training:
         y.sum().backward()
         assert x.grad.device.type == 'meta'
