@@ -78,6 +78,25 @@ def test_legacy_exporter_serves_every_size(tmp_path, attn_impl):
         assert rel_error(actual, expected) < TOL, size
 
 
+@pytest.mark.parametrize('dynamo', [True, False], ids=['dynamo', 'legacy'])
+@pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
+def test_classification_layer_through_both_exporters(tmp_path, dynamo,
+                                                     attn_impl):
+    """The 'classification' kernels (the Toeplitz reads of the fused one)
+    at their one size, non-square, batch 2."""
+    torch.manual_seed(0)
+    layer = randomize_norms(LESA(64, 64, feat_size=(7, 6), groups=8,
+                                 pe_type='classification',
+                                 attn_impl=attn_impl)).eval()
+    x = torch.randn(2, 64, 7, 6)
+    path = str(tmp_path / 'lesa.onnx')
+    torch.onnx.export(layer, (x, ), path, dynamo=dynamo, input_names=['x'])
+    with torch.no_grad():
+        expected = layer.eval()(x)
+    (actual, ) = onnxruntime.InferenceSession(path).run(None, {'x': x.numpy()})
+    assert rel_error(actual, expected) < TOL
+
+
 @pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
 def test_jit_trace_at_one_size_serves_others(attn_impl):
     layer = eval_layer(attn_impl)

@@ -58,10 +58,13 @@ def skew(x):
 def unskew(y):
     """The layout :func:`skew` reads: ``(..., L, L) -> (..., L, 2L - 1)``
     with ``x[i, j - i + L - 1] = y[i, j]`` and zeros elsewhere."""
-    length = y.shape[-1]
-    x = y.new_zeros(*y.shape[:-1], 2 * length - 1)
-    skew(x).copy_(y)
-    return x
+    *batch, length, _ = y.shape
+    if length == 1:
+        return y
+    # row i moves right by L - 1 - i: rows padded to 2L - 2, laid end to
+    # end, read from L - 1 earlier (functional, so every exporter keeps it)
+    flat = F.pad(y, (0, length - 2)).reshape(*batch, length * (2 * length - 2))
+    return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
 
 
 def _window_sums(x, length):
