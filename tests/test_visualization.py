@@ -118,6 +118,27 @@ def test_visualize_classification_serves_only_its_trained_size(
     assert not os.path.exists(tmp_path / 'b.png')
 
 
+def test_visualize_centre_crop(vis_tool, cls_cfg, cls_ckpt, tmp_path):
+    """A test pipeline that crops: the maps cover the part the model sees,
+    points outside it are refused."""
+    cfg = cls_cfg.copy()
+    cfg.test_dataloader.dataset.pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='ResizeEdge', scale=64, edge='short'),
+        dict(type='CenterCrop', crop_size=64),
+        dict(type='PackInputs')]
+    image = write_image(tmp_path / 'img.png', 64, 96)
+    info = vis_tool.visualize(cfg, cls_ckpt, image, str(tmp_path / 'a.png'),
+                              points=[(50, 30)], dpi=50)
+    assert info['input_size'] == (64, 64)
+    assert info['seen'] == (16, 0, 80, 64)  # x0, y0, x1, y1
+    assert info['cells'] == [(1, 2)]  # (30.5, 50.5 - 16) / 16 px cells
+    check_png(info['out'], figure_size(vis_tool, rows=1, dpi=50))
+    with pytest.raises(ValueError, match='outside the part of the image'):
+        vis_tool.visualize(cfg, cls_ckpt, image, str(tmp_path / 'b.png'),
+                           points=[(10, 30)])
+
+
 def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,
                                       tmp_path):
     image = write_image(tmp_path / 'img.png', 100, 140)

@@ -23,8 +23,10 @@ name (``backbone.layer3.1.conv2``, or an unambiguous suffix such as
 Model input: what the config's test pipeline makes of the image, built as
 MMDetection's ``inference_detector`` and MMPretrain's
 ``ImageClassificationInferencer`` build it, then the model's data
-preprocessor (which pads, e.g. to multiples of 32). ``--size H W`` resizes
-the image to ``H x W`` in place of the pipeline's ``Resize``. LESA layers
+preprocessor (which pads, e.g. to multiples of 32); where the pipeline
+crops (``CenterCrop``), the maps cover the part of the image the model sees.
+``--size H W`` resizes the image to ``H x W`` in place of the pipeline's
+resizing and cropping. LESA layers
 with ``'classification'`` position encodings serve only their trained
 feature size: another input size is refused with the layer's message.
 """
@@ -148,15 +150,31 @@ def test_pipeline(cfg):
 
 
 def model_input(model, pipeline, image_bgr):
-    """``(inputs, img_shape)``: the batch the model gets for one BGR image
-    (the pipeline, then the data preprocessor), and the image's ``(h, w)``
-    in it (before padding)."""
+    """``(inputs, meta)``: the batch the model gets for one BGR image (the
+    pipeline, then the data preprocessor), and the pipeline's record of it
+    (``img_shape``, ``scale_factor``, ...)."""
     data = pipeline(dict(img=image_bgr, img_shape=image_bgr.shape[:2],
                          ori_shape=image_bgr.shape[:2], img_id=0))
     batch = model.data_preprocessor(
         {'inputs': [data['inputs']], 'data_samples': [data['data_samples']]},
         False)
-    return batch['inputs'], tuple(data['data_samples'].img_shape)
+    return batch['inputs'], data['data_samples'].metainfo
+
+
+def input_geometry(meta, image_hw):
+    """``(scale, offset)``, each ``(y, x)``: image pixel ``p`` lies at
+    ``p * scale - offset`` in the model input. From the pipeline's record:
+    the ``scale_factor`` of its resizing (else ``img_shape / image size``),
+    and a centred crop (``CenterCrop``) where the resized image is larger
+    than ``img_shape``."""
+    input_hw = meta['img_shape'][:2]
+    if 'scale_factor' in meta:
+        scale = tuple(float(f) for f in meta['scale_factor'][::-1])
+    else:
+        scale = tuple(m / n for m, n in zip(input_hw, image_hw))
+    offset = tuple(max(0, round((round(n * f) - m) / 2))
+                   for n, f, m in zip(image_hw, scale, input_hw))
+    return scale, offset
 
 
 @torch.no_grad()
@@ -237,10 +255,11 @@ def _panel_axes(fig, size, row, col, aspect, with_colorbar):
     return ax, cax
 
 
-def draw_figure(out, rgb, rows, points, boxes, title, dpi=100):
+def draw_figure(out, rgb, rows, points, boxes, title, dpi=100, seen=None):
     """One row of panels per point: ``rows[i]`` lists ``(heat map or None
     for the plain image, imshow style, panel title)``; ``boxes[i]`` is the
-    query's grid cell ``(x, y, w, h)`` drawn on the plain image."""
+    query's grid cell ``(x, y, w, h)`` drawn on the plain image; the heat
+    maps cover ``seen`` (``(x0, y0, x1, y1)``, default: the whole image)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -252,6 +271,8 @@ def draw_figure(out, rgb, rows, points, boxes, title, dpi=100):
     FigureCanvasAgg(fig)
     gray = rgb.astype(np.float32).mean(axis=2)
     extent = (0, img_w, img_h, 0)
+    heat_extent = extent if seen is None else (seen[0], seen[2], seen[3],
+                                               seen[1])
     for i, panels in enumerate(rows):
         px, py = points[i]
         for j, (heat, style, panel_title) in enumerate(panels):
@@ -266,7 +287,7 @@ def draw_figure(out, rgb, rows, points, boxes, title, dpi=100):
             else:  # grey image under the heat map: its colours read true
                 ax.imshow(gray, extent=extent, cmap='gray', vmin=0, vmax=255,
                           interpolation='nearest', aspect='auto')
-                im = ax.imshow(heat, extent=extent, alpha=0.6,
+                im = ax.imshow(heat, extent=heat_extent, alpha=0.6,
                                interpolation='bilinear', aspect='auto',
                                **style)
                 fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
@@ -290,9 +311,10 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     """Draw the figure (see the module docstring) of ``config`` (a file or a
     loaded ``Config``); returns a dict with what was drawn (``layer``,
     ``input_size``, ``padded_size``, ``grid``, ``cells``, ``points``,
-    ``out``)."""
+    ``size_note``: where the input size came from, ``seen``: the part of
+    the image the model sees, ``out``)."""
     import mmcv
-    from mmcv.transforms import Resize
+    from mmcv.transforms import LoadImageFromFile, Resize
     from mmengine.utils import to_2tuple
     if not osp.isfile(image):
         raise FileNotFoundError(f'image file {image!r} not found')
@@ -317,15 +339,16 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     lesa = layers[name]
     pipeline = test_pipeline(cfg)
     size_note = "the config's test pipeline"
-    model_image = image_bgr
-    if size is not None:  # in place of the pipeline's Resize
-        model_image = mmcv.imresize(image_bgr, (size[1], size[0]),
-                                    interpolation='bilinear')
-        pipeline.transforms = [t for t in pipeline.transforms
-                               if not isinstance(t, Resize)]
+    if size is not None:  # in place of the pipeline's resizing and cropping
+        steps = pipeline.transforms
+        loader = [t for t in steps[:1] if isinstance(t, LoadImageFromFile)]
+        pipeline.transforms = loader + [
+            Resize(scale=(size[1], size[0]), keep_ratio=False), steps[-1]]
         size_note = '--size'
-    inputs, input_hw = model_input(model, pipeline, model_image)
+    inputs, meta = model_input(model, pipeline, image_bgr)
+    input_hw = tuple(meta['img_shape'][:2])
     padded_hw = tuple(inputs.shape[-2:])
+    (sy, sx), (oy, ox) = input_geometry(meta, image_hw)
     try:
         x = layer_input(model, lesa, inputs)
     except ValueError as err:  # e.g. 'classification' encodings
@@ -333,11 +356,18 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
                          f'from {size_note})') from err
     grid_h, grid_w = x.shape[-2:]
 
+    # the part of the image the model sees (all of it unless cropped)
+    seen = (ox / sx, oy / sy, (ox + input_hw[1]) / sx,
+            (oy + input_hw[0]) / sy)
     cells = []
     for px, py in points:
-        # image pixel (centre) -> resized input -> layer grid
-        ry = (py + 0.5) * input_hw[0] / img_h
-        rx = (px + 0.5) * input_hw[1] / img_w
+        # image pixel (centre) -> model input -> layer grid
+        ry, rx = (py + 0.5) * sy - oy, (px + 0.5) * sx - ox
+        if not (0 <= ry < input_hw[0] and 0 <= rx < input_hw[1]):
+            raise ValueError(
+                f'point ({px:g}, {py:g}) lies outside the part of the image '
+                f'the model sees ({size_note} crops it to x {seen[0]:g}..'
+                f'{seen[2]:g}, y {seen[1]:g}..{seen[3]:g})')
         row = min(grid_h - 1, int(ry * grid_h / padded_hw[0]))
         col = min(grid_w - 1, int(rx * grid_w / padded_hw[1]))
         cells.append((row, col))
@@ -348,8 +378,7 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     def shown(grid_map):
         return _to_image(grid_map, padded_hw, input_hw, interpolation)
 
-    cell_h = padded_hw[0] / grid_h * img_h / input_hw[0]
-    cell_w = padded_hw[1] / grid_w * img_w / input_hw[1]
+    cell_h, cell_w = padded_hw[0] / grid_h / sy, padded_hw[1] / grid_w / sx
     unary_img, gate_img = shown(unary), shown(gate)
 
     rows = []
@@ -372,12 +401,13 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     title = (f'{name}: {lesa.pe_type} LESA, stride {lesa.stride}, input '
              f'grid {grid_h}x{grid_w}; model input {input_hw[0]}x'
              f'{input_hw[1]} ({size_note}); {osp.basename(image)}')
-    boxes = [(col * cell_w, row * cell_h, cell_w, cell_h)
+    boxes = [(seen[0] + col * cell_w, seen[1] + row * cell_h, cell_w, cell_h)
              for row, col in cells]
-    draw_figure(out, image_bgr[..., ::-1], rows, points, boxes, title, dpi)
+    draw_figure(out, image_bgr[..., ::-1], rows, points, boxes, title, dpi,
+                seen)
     return dict(out=out, layer=name, input_size=input_hw,
                 padded_size=padded_hw, grid=(grid_h, grid_w), cells=cells,
-                points=points, size_note=size_note)
+                points=points, size_note=size_note, seen=seen)
 
 
 def parse_args(argv=None):
