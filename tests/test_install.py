@@ -4,6 +4,7 @@ into an environment that already has OpenMMLab fetches and replaces nothing,
 and ``import lesa_mm`` refuses unsupported OpenMMLab versions with a clear
 message."""
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import textwrap
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from conftest import REPO_ROOT
 from lesa_mm.version import SUPPORTED_VERSIONS, check_versions
@@ -123,37 +125,43 @@ def test_pip_install_into_an_environment_with_openmmlab(tmp_path):
     shared = sysconfig.get_paths()['purelib']  # the set-up's site-packages
     with open(os.path.join(site, 'openmmlab_env.pth'), 'w') as f:
         f.write(shared + '\n')
-    # pip itself comes from the shared site-packages too
+    # pip itself comes from the shared site-packages too; its installation
+    # report lists what it installed
+    report = tmp_path / 'report.json'
     proc = subprocess.run(
         [python, '-m', 'pip', 'install', '--no-index', '--no-build-isolation',
-         '--no-cache-dir', f'{src}[deploy,tests]'],
+         '--no-cache-dir', '--report', str(report), f'{src}[deploy,tests]'],
         cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    installed = [ln for ln in out.splitlines()
-                 if ln.startswith('Successfully installed')]
-    assert installed == ['Successfully installed lesa_mm-0.1.0'] or \
-        installed == ['Successfully installed lesa-mm-0.1.0'], out[-4000:]
-    assert 'Uninstalling' not in out
-    for name in ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmpretrain',
-                 'pycocotools', 'onnx', 'onnxruntime', 'onnxscript', 'pytest'):
-        assert f'Requirement already satisfied: {name}' in out, name
-    check = textwrap.dedent("""
-        import lesa_mm, torch
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(report) as f:
+        installed = [item['metadata'] for item in json.load(f)['install']]
+    # lesa_mm only: every requirement, with the extras', was satisfied by the
+    # environment, and nothing (torch above all) was replaced
+    assert [(canonicalize_name(m['name']), m['version'])
+            for m in installed] == [('lesa-mm', '0.1.0')]
+    required = {Requirement(r).name for r in installed[0]['requires_dist']}
+    assert required >= {'torch', 'mmengine', 'mmcv', 'mmdet', 'mmpretrain',
+                        'pycocotools', 'onnx', 'onnxruntime', 'onnxscript',
+                        'pytest'}
+    found = tmp_path / 'found.json'
+    check = textwrap.dedent(f"""
+        import json, lesa_mm, torch
         from lesa_mm.configs.loader import config_path
-        print(lesa_mm.__file__)
-        print(torch.__file__)
-        print(torch.__version__)
-        print(config_path('lesa/mask-rcnn_lesa-r50.py'))
+        json.dump(dict(lesa_mm=lesa_mm.__file__, torch=torch.__file__,
+                       torch_version=torch.__version__,
+                       config=config_path('lesa/mask-rcnn_lesa-r50.py')),
+                  open({str(found)!r}, 'w'))
     """)
     proc = subprocess.run([python, '-c', check], cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lesa_file, torch_file, torch_version, config = \
-        proc.stdout.strip().splitlines()[-4:]
+    with open(found) as f:
+        found = json.load(f)
     # lesa_mm from the new environment (not the repository, not the set-up)
-    assert lesa_file.startswith(site), lesa_file
+    assert found['lesa_mm'].startswith(site), found
     # torch is still the set-up's own
-    assert torch_file.startswith(shared) and torch_version == torch.__version__
+    assert found['torch'].startswith(shared), found
+    assert found['torch_version'] == torch.__version__
     # the classic configs were packaged
-    assert config.startswith(site) and os.path.isfile(config)
+    assert found['config'].startswith(site)
+    assert os.path.isfile(found['config'])
