@@ -117,11 +117,11 @@ def setup_cpu_distributed(cfg):
 
 
 def build_runner(cfg):
-    """The Runner the config asks for (``runner_type``) or MMEngine's."""
-    import lesa_mm  # noqa: F401  (registers modules, allow-lists types)
+    """The Runner the config asks for (``runner_type``) or MMEngine's, as
+    MMDetection's tools build it (importing this module imported lesa_mm:
+    its modules are registered, checkpoint types allow-listed)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    os.makedirs(cfg.work_dir, exist_ok=True)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
