@@ -137,6 +137,11 @@ def test_visualize_centre_crop(vis_tool, cls_cfg, cls_ckpt, tmp_path):
     with pytest.raises(ValueError, match='outside the part of the image'):
         vis_tool.visualize(cfg, cls_ckpt, image, str(tmp_path / 'b.png'),
                            points=[(10, 30)])
+    # the default points: centre and quarter points of the part seen
+    info = vis_tool.visualize(cfg, cls_ckpt, image, str(tmp_path / 'c.png'),
+                              dpi=30)
+    assert info['points'] == [(48, 32), (32, 16), (64, 48)]
+    assert info['cells'] == [(2, 2), (1, 1), (3, 3)]
 
 
 def test_visualize_detection_any_size(vis_tool, det_cfg, det_ckpt,

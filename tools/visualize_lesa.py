@@ -4,9 +4,9 @@ self-attention (global) vs. their gated fusion (arXiv:2107.05637).
     python tools/visualize_lesa.py CONFIG CHECKPOINT IMAGE --out FILE.png
         [--layer NAME] [--points X,Y ...] [--size H W] [--device cpu]
 
-One row per query point (image pixel coordinates ``x,y``; default: the image
-centre and the centres of the top-left and bottom-right quarters), four
-panels per row:
+One row per query point (image pixel coordinates ``x,y``; default: the
+centre and the centres of the top-left and bottom-right quarters of the part
+of the image the model sees), four panels per row:
 
 1. the image, the point and the cell of the layer's input grid it falls in;
 2. the binary term's attention of that query over all positions (mean of the
@@ -229,9 +229,10 @@ def parse_point(text):
     return x, y
 
 
-def default_points(width, height):
-    return [(width / 2, height / 2), (width / 4, height / 4),
-            (3 * width / 4, 3 * height / 4)]
+def default_points(x0, y0, x1, y1):
+    """The centre and the top-left and bottom-right quarter centres."""
+    return [(x0 + (x1 - x0) * f, y0 + (y1 - y0) * f)
+            for f in (1 / 2, 1 / 4, 3 / 4)]
 
 
 def _panel_axes(fig, size, row, col, aspect, with_colorbar):
@@ -323,7 +324,7 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
         raise ValueError(f'cannot read {image!r} as an image')
     image_hw = image_bgr.shape[:2]
     img_h, img_w = image_hw
-    points = list(points) if points else default_points(img_w, img_h)
+    points = list(points or [])
     for x, y in points:
         if not (0 <= x < img_w and 0 <= y < img_h):
             raise ValueError(f'point ({x:g}, {y:g}) lies outside the '
@@ -357,8 +358,10 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
     grid_h, grid_w = x.shape[-2:]
 
     # the part of the image the model sees (all of it unless cropped)
-    seen = (ox / sx, oy / sy, (ox + input_hw[1]) / sx,
-            (oy + input_hw[0]) / sy)
+    seen = tuple(round(v, 3) for v in (ox / sx, oy / sy,
+                                       (ox + input_hw[1]) / sx,
+                                       (oy + input_hw[0]) / sy))
+    points = points or default_points(*seen)
     cells = []
     for px, py in points:
         # image pixel (centre) -> model input -> layer grid
