@@ -235,3 +235,18 @@ def test_key_blocks_under_autocast(dtype, monkeypatch, block_calls):
     assert all(torch.isfinite(p.grad).all() for p in fused.parameters()
                if p.grad is not None)
     assert (y.float() - y32).norm() / y32.norm() < 0.05
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+@pytest.mark.parametrize('feat', [(7, 6), (1, 5), (1, 1)],
+                         ids=['7x6', '1x5', '1x1'])
+def test_classification_kernel_equals_reference_in_float64(mode, feat):
+    """The classification kernel (closed-form batch statistics, Toeplitz
+    reads of the table) is an exact reformulation: in float64 its outputs,
+    gradients and running statistics equal the reference kernel's to
+    round-off."""
+    fused, reference = fused_and_reference(16, 32, 4, 'classification', feat)
+    for layer in (fused, reference):
+        layer.train(mode == 'train').double()
+    x = torch.randn(3, 16, *feat, dtype=torch.float64)
+    assert_same_step(fused, reference, x, tol=1e-12)
