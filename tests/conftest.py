@@ -23,6 +23,40 @@ def load_tool(relpath):
     return module
 
 
+def classification_checkpoint(tmp_path, width=16):
+    """An MMPretrain-style checkpoint (backbone + head) of a slim
+    classification LESA-ResNet-50 with non-trivial norms, saved as
+    ``tmp_path / 'cls.pth'``; returns the backbone and the path."""
+    from lesa_mm.models import LESAResNet
+    torch.manual_seed(1)
+    backbone = LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                          feat_sizes=(16, 8, 4, 4))
+    for m in backbone.modules():  # non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.weight.data.uniform_(0.5, 1.5)
+    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+    state['head.fc.weight'] = torch.randn(3, width * 32)
+    state['head.fc.bias'] = torch.randn(3)
+    path = tmp_path / 'cls.pth'
+    torch.save({'state_dict': state, 'meta': {}}, path)
+    return backbone, str(path)
+
+
+def detection_backbone(width=16, seed=None, **kwargs):
+    """A slim LESA-ResNet-50 detection backbone (``detection_qr``, DCN in
+    stages 2-4) for 128x128 inputs; ``seed`` makes the fresh position tables
+    of every copy the same."""
+    from lesa_mm.models import LESAResNet
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LESAResNet(depth=50, stem_channels=width, base_channels=width,
+                      strides=(1, 2, 2, 2), feat_sizes=(32, 16, 8, 4),
+                      pe_type='detection_qr', out_indices=(0, 1, 2, 3),
+                      dcn=dict(type='DCN', deform_groups=1),
+                      stage_with_dcn=(False, True, True, True), **kwargs)
+
+
 @pytest.fixture
 def block_calls(monkeypatch):
     """The ``blocks`` argument of every CPU key-block attention call."""

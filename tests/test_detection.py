@@ -7,7 +7,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import REPO_ROOT
+from conftest import (REPO_ROOT, classification_checkpoint,
+                      detection_backbone)
 from lesa_mm.models import LESA, LESAResNet
 from lesa_mm.utils import build_model_from_config
 from lesa_mm.utils.launch import load_config
@@ -107,31 +108,6 @@ def test_detector_train_iteration_and_inference(path):
                         mode='predict')
     assert len(results) == 2
     assert results[0].pred_instances.bboxes.shape[-1] == 4
-
-
-def classification_checkpoint(tmp_path, width=16):
-    """An MMPretrain-style checkpoint of a slim classification LESA-ResNet."""
-    torch.manual_seed(1)
-    backbone = LESAResNet(depth=50, stem_channels=width, base_channels=width,
-                          feat_sizes=(16, 8, 4, 4))
-    for m in backbone.modules():  # non-trivial statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.weight.data.uniform_(0.5, 1.5)
-    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
-    state['head.fc.weight'] = torch.randn(3, width * 32)
-    state['head.fc.bias'] = torch.randn(3)
-    path = tmp_path / 'cls.pth'
-    torch.save({'state_dict': state, 'meta': {}}, path)
-    return backbone, str(path)
-
-
-def detection_backbone(width=16, **kwargs):
-    return LESAResNet(depth=50, stem_channels=width, base_channels=width,
-                      strides=(1, 2, 2, 2), feat_sizes=(32, 16, 8, 4),
-                      pe_type='detection_qr', out_indices=(0, 1, 2, 3),
-                      dcn=dict(type='DCN', deform_groups=1),
-                      stage_with_dcn=(False, True, True, True), **kwargs)
 
 
 def test_imagenet_to_coco_transfer(tmp_path):

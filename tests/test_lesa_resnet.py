@@ -4,6 +4,7 @@ import torchvision
 from mmcv.ops import DeformConv2dPack
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from conftest import classification_checkpoint, detection_backbone
 from lesa_mm.models import LESA, LESAResNet
 
 DET_SMALL = dict(strides=(1, 2, 2, 2), feat_sizes=(16, 8, 4, 2),
@@ -270,32 +271,6 @@ def test_init_weights_initialises_ordinary_layers_once_and_not_lesa():
     assert torch.all(model.layer1[0].bn1.weight == 1)
 
 
-def _classification_checkpoint(path, width=16):
-    """An MMPretrain-style checkpoint (backbone + head) of a slim
-    classification LESA-ResNet-50, with non-trivial norms."""
-    torch.manual_seed(1)
-    backbone = LESAResNet(depth=50, stem_channels=width, base_channels=width,
-                          feat_sizes=(16, 8, 4, 4))
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.weight.data.uniform_(0.5, 1.5)
-    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
-    state['head.fc.weight'] = torch.randn(3, width * 32)
-    state['head.fc.bias'] = torch.randn(3)
-    torch.save({'state_dict': state, 'meta': {}}, path)
-    return state
-
-
-def _detection_backbone(width=16, **kwargs):
-    torch.manual_seed(7)  # the same fresh position tables in every copy
-    return LESAResNet(depth=50, stem_channels=width, base_channels=width,
-                      strides=(1, 2, 2, 2), feat_sizes=(32, 16, 8, 4),
-                      pe_type='detection_qr', out_indices=(0, 1, 2, 3),
-                      dcn=dict(type='DCN', deform_groups=1),
-                      stage_with_dcn=(False, True, True, True), **kwargs)
-
-
 def test_plain_load_state_dict_adapts_as_pretrained_and_load_from(tmp_path):
     """A classification ImageNet checkpoint reaches a detection_qr backbone
     identically by init_cfg=Pretrained, by model.load_state_dict (strict)
@@ -303,20 +278,19 @@ def test_plain_load_state_dict_adapts_as_pretrained_and_load_from(tmp_path):
     load_from): the load_state_dict pre-hook adapts it each time."""
     from mmengine.logging import MMLogger
     from mmengine.runner import load_checkpoint
-    path = str(tmp_path / 'cls.pth')
-    ckpt = _classification_checkpoint(path)
+    source, path = classification_checkpoint(tmp_path)
     log_file = tmp_path / 'load.log'
     MMLogger.get_instance('test_adapt_on_load', log_file=str(log_file))
 
-    pretrained = _detection_backbone(
-        init_cfg=dict(type='Pretrained', checkpoint=path))
+    pretrained = detection_backbone(
+        seed=7, init_cfg=dict(type='Pretrained', checkpoint=path))
     pretrained.init_weights()
 
-    plain = _detection_backbone()
+    plain = detection_backbone(seed=7)
     plain.load_state_dict(torch.load(path)['state_dict'], strict=True)
 
     detector = torch.nn.Module()
-    detector.backbone = _detection_backbone()
+    detector.backbone = detection_backbone(seed=7)
     load_checkpoint(detector, path, strict=False)  # keys under backbone.
 
     expected = pretrained.state_dict()
@@ -327,8 +301,9 @@ def test_plain_load_state_dict_adapts_as_pretrained_and_load_from(tmp_path):
             assert torch.equal(state[key], value), key
     # adapted: position-logit norm fresh, value channels of the out norm
     key = 'layer4.1.conv2.binary'
-    torch.testing.assert_close(expected[f'{key}.out_norm.weight'],
-                               ckpt[f'backbone.{key}.out_norm.weight'][0::2])
+    torch.testing.assert_close(
+        expected[f'{key}.out_norm.weight'],
+        source.state_dict()[f'{key}.out_norm.weight'][0::2])
     assert torch.all(expected['layer2.0.conv2.conv_offset.weight'] == 0)
     log = log_file.read_text()
     assert log.count('kept the content-logit norm and re-initialised the '
@@ -345,7 +320,7 @@ def test_load_state_dict_of_a_fitting_state_is_untouched(tmp_path):
     from mmengine.logging import MMLogger
     log_file = tmp_path / 'load.log'
     MMLogger.get_instance('test_fitting_state', log_file=str(log_file))
-    model = _detection_backbone()
+    model = detection_backbone(seed=7)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         state['layer3.1.conv2.binary.position.rel_height'].add_(1)
