@@ -76,13 +76,6 @@ class LogitBatchNorm(_BatchNorm):
         return self.training or (self.running_mean is None
                                  and self.running_var is None)
 
-    def normalise_and_sum(self, terms):
-        """Each ``(N, g, L, L)`` term normalised by its ``g`` channels, summed:
-        the concatenation of the terms through :meth:`forward`."""
-        n, g, length, _ = terms[0].shape
-        normed = self(torch.cat(terms, dim=1))
-        return normed.view(n, len(terms), g, length, length).sum(dim=1)
-
     def scales(self, moments):
         """Per-channel factors ``weight / sqrt(var + eps)``, float32 or
         wider. With batch statistics, ``var`` comes from ``moments`` and is

@@ -381,7 +381,6 @@ class FlattenedRelPos1d(RelativePosition):
         the attention laid out by offset (:func:`unskew`) with ``Ev``. No
         table is gathered to ``L x L``.
         """
-        self.check_size(height, width)
         scale = logit_norm.scales(lambda: exact_moments(self._moments, q, k))
         g = q.shape[1]
         dtype = autocast_dtype(q.device.type) or q.dtype
