@@ -168,8 +168,7 @@ class LESABinary(nn.Module):
             raise ValueError(f'query indices must lie in [0, {h * w}) for a '
                              f'{h}x{w} map, got {list(queries)}')
         q, k, _ = self.split_heads(x)
-        norm = self.logit_norm
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        scale = self.logit_norm.running_scales().to(q.dtype)
         scale = scale.view(-1, self.groups, 1, 1)  # (terms, g, 1, 1)
         terms = [torch.einsum('ngcq,ngcj->ngqj', q[..., index], k),
                  *self.position.logits(q, k, h, w, queries=index)]

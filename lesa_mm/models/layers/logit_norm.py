@@ -86,20 +86,25 @@ class LogitBatchNorm(_BatchNorm):
                 squares of the logits over one batch and the element count
                 per channel; called only when batch statistics are used.
         """
-        if self.uses_batch_stats():
-            sums, sq_sums, count = moments()
-            stats = torch.stack([sums, sq_sums, torch.full_like(sums, count)])
-            if self._syncs():
-                from torch.distributed.nn.functional import all_reduce
-                stats = all_reduce(stats)
-            sums, sq_sums, counts = stats
-            count = counts[0]
-            mean = sums / count
-            var = (sq_sums / count - mean.square()).clamp_min(0)
-            self._update_running_stats(mean.detach(), var.detach(),
-                                       count.detach())
-        else:
-            var = self.running_var
+        if not self.uses_batch_stats():
+            return self.running_scales()
+        sums, sq_sums, count = moments()
+        stats = torch.stack([sums, sq_sums, torch.full_like(sums, count)])
+        if self._syncs():
+            from torch.distributed.nn.functional import all_reduce
+            stats = all_reduce(stats)
+        sums, sq_sums, counts = stats
+        count = counts[0]
+        mean = sums / count
+        var = (sq_sums / count - mean.square()).clamp_min(0)
+        self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        return self._scales(var)
+
+    def running_scales(self):
+        """:meth:`scales` from the running variance (eval mode's)."""
+        return self._scales(self.running_var)
+
+    def _scales(self, var):
         var = var.to(torch.promote_types(var.dtype, torch.float32))
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
