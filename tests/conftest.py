@@ -72,6 +72,21 @@ def block_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def folded_calls(monkeypatch):
+    """The ``block_w`` argument of every folded-key attention call."""
+    from lesa_mm.models.layers import key_blocks
+    calls = []
+    folded_attention = key_blocks.folded_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[9])
+        return folded_attention(*args, **kwargs)
+
+    monkeypatch.setattr(key_blocks, 'folded_attention', spy)
+    return calls
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'slow: long runs kept out of the default suite '

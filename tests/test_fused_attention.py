@@ -200,6 +200,100 @@ def test_key_blocks_policy():
     assert plan(q_s, 32, 32, target=8) == (8, 8)
 
 
+@pytest.mark.parametrize(
+    'shape',
+    [
+        # N, g, H, W, dq, dv, block width, chunk bytes
+        (2, 3, 7, 11, 4, 12, 5, None),  # padded column blocks, dv > dq + w
+        (1, 2, 13, 5, 8, 16, 4, 200),  # taller than wide: transposed
+        (2, 2, 9, 14, 3, 5, 3, 1),  # one query row per kernel call
+        (1, 1, 6, 6, 4, 8, 6, None),  # one block, square
+    ],
+    ids=str)
+def test_folded_attention_equals_dense_softmax(shape):
+    """The folded kernel against explicit logits built from the same
+    tables, in float64: the row logits it folds into the keys, the column
+    logits it puts on the queries."""
+    n, g, height, width, dq, dv, block_w, chunk_bytes = shape
+    length = height * width
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, g, length, c, dtype=torch.float64)
+               for c in (dq, dq, dv))
+    th, tw = (torch.randn(g, 2 * s - 1, dq, dtype=torch.float64)
+              for s in (height, width))
+    # [g, i, j] -> table[g, j - i + size - 1]
+    row_table, col_table = (
+        t[:, torch.arange(s)[None] - torch.arange(s)[:, None] + s - 1]
+        for t, s in ((th, height), (tw, width)))
+    qr = q.view(n, g, height, width, dq)
+    row_s = torch.einsum('ngyxd,gyrd->ngyxr', qr, row_table).flatten(2, 3)
+    col_s = torch.einsum('ngyxd,gxcd->ngyxc', qr, col_table).flatten(2, 3)
+    with torch.no_grad():
+        out = key_blocks.folded_attention(q, k, v, row_table, col_table,
+                                          row_s, col_s, height, width,
+                                          block_w, chunk_bytes)
+    expected = dense_attention(q, k, v, row_s, col_s, height, width)
+    assert out.shape == (n, g, length, dv)
+    assert rel_error(out, expected) < 1e-13
+
+
+def test_folded_attention_refuses_autograd():
+    q = torch.zeros(1, 1, 4, 2, requires_grad=True)
+    table = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(RuntimeError, match='inference kernel'):
+        key_blocks.folded_attention(q, q, q, table, table, q, q, 2, 2, 2)
+
+
+def test_folded_policy():
+    q = torch.zeros(1, 1, 64 * 64, 16)
+    plan = key_blocks.folded_columns
+    with torch.no_grad():
+        # key blocks 16 + 16 + 16 = 48 > 32 channels: folded, 16 + 16 = 32
+        assert plan(q, 32, 64, 64) == 16
+        assert plan(q, 32, 50, 84) == 14  # near-equal: 84 = 6 x 14
+        # key blocks 32 + 13 + 16 = 61 <= 64 channels: not folded
+        assert plan(torch.zeros(1, 1, 1, 32), 64, 50, 76) is None
+        # fewer than 8 columns per block, or no key blocks: not folded
+        assert plan(q, 20, 64, 64) is None
+        assert plan(q, 32, 32, 32) is None
+    # with autograd the key blocks are taken
+    assert plan(q, 32, 64, 64) is None
+
+
+@pytest.mark.parametrize('size', [(40, 40), (44, 30)], ids=str)
+def test_layer_takes_folded_in_inference_and_equals_reference(
+        block_calls, folded_calls, size):
+    """Inference of a LESA layer (dq = 8, dv = 16) at a 40x40 map and a
+    44x30 one (transposed): the folded kernel runs and the outputs equal
+    the reference kernel's in float64; with autograd the key blocks run."""
+    fused, reference = fused_and_reference(16, 32, 2, 'detection_qr', 40)
+    for layer in (fused, reference):
+        layer.eval().double()
+    x = torch.randn(2, 16, *size, dtype=torch.float64)
+    with torch.no_grad():
+        y = fused(x)
+        assert rel_error(y, reference(x)) < 1e-12
+    assert folded_calls == [8] and block_calls == []
+    fused(x)
+    assert folded_calls == [8] and len(block_calls) == 1
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_folded_under_autocast(dtype, folded_calls):
+    """Low-precision inference through the folded kernel (C=256, 8 heads,
+    a 32x48 map): finite, close to float32 (the merge runs in float32)."""
+    fused, _ = fused_and_reference(256, 256, 8, 'detection_qr', 32)
+    x = torch.randn(1, 256, 32, 48)
+    with torch.no_grad():
+        y32 = fused.eval()(x)
+        with torch.autocast('cpu', dtype=dtype):
+            y = fused(x)
+    assert folded_calls == [16, 16]
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert (y.float() - y32).norm() / y32.norm() < 0.05
+
+
 @pytest.mark.parametrize('mode', ['train', 'train-with_cp', 'eval'])
 def test_layer_takes_key_blocks_and_equals_reference(block_calls, mode):
     """A LESA layer at a 40x40 map (blocks of 14x14, overhanging by 2):

@@ -196,11 +196,14 @@ class DecomposedRelPos2d(RelativePosition):
         return (th[relative_index(height, height, height - 1, dev)],
                 tw[relative_index(width, width, width - 1, dev)])
 
-    def axis_logits(self, q: torch.Tensor, height: int, width: int):
+    def axis_logits(self, q: torch.Tensor, height: int, width: int,
+                    tables=None):
         """Row and column logits of every query.
 
         Args:
             q (Tensor): Queries ``(N, g, dq, L)``.
+            tables (tuple[Tensor, Tensor], optional): :meth:`tables`, if
+                already computed.
 
         Returns:
             tuple[Tensor, Tensor]: ``row (N, g, L, H)`` with
@@ -208,7 +211,7 @@ class DecomposedRelPos2d(RelativePosition):
             with ``col[i, c] = q_i . Tw[c - c_i + P - 1]``.
         """
         n, g, d, _ = q.shape
-        th, tw = self.tables(height, width)
+        th, tw = tables or self.tables(height, width)
         q = q.reshape(n, g, d, height, width)
         row = torch.einsum('ngdyx,yrd->ngyxr', q, th.to(q.dtype))
         col = torch.einsum('ngdyx,xcd->ngyxc', q, tw.to(q.dtype))
@@ -253,17 +256,28 @@ class DecomposedRelPos2d(RelativePosition):
         per-head scales ``a, b`` of ``BNsim`` (its shift is constant over
         the keys), on fused attention kernels over augmented queries and
         keys (:func:`.attention.one_call_attention`, or on the CPU in eager
-        mode :func:`.key_blocks.key_block_attention`): no ``L x L`` tensor.
+        mode :func:`.key_blocks.folded_attention` or
+        :func:`.key_blocks.key_block_attention`): no ``L x L`` tensor.
         """
-        row, col = self.axis_logits(q, height, width)  # (N,g,L,H), (N,g,L,W)
+        tables = self.tables(height, width)
+        # (N, g, L, H), (N, g, L, W)
+        row, col = self.axis_logits(q, height, width, tables)
         scale = logit_norm.scales(
             lambda: exact_moments(self._moments, q, k, row, col))
         g = q.shape[1]
         dtype = autocast_dtype(q.device.type) or q.dtype
         a, b = scale.view(2, 1, g, 1, 1).to(dtype)
-        q_s = q.transpose(-1, -2).to(dtype) * a
+        q_t = q.transpose(-1, -2).to(dtype)
         row_s, col_s = row.to(dtype) * b, col.to(dtype) * b
         k_t, v_t = k.transpose(-1, -2).to(dtype), v.transpose(-1, -2).to(dtype)
+        fold_w = key_blocks.folded_columns(q_t, v.shape[2], height, width)
+        if fold_w is not None:
+            th, tw = (b.view(g, 1, 1, 1) * t.to(dtype) for t in tables)
+            out = key_blocks.folded_attention(q_t, k_t * a, v_t, th, tw,
+                                              row_s, col_s, height, width,
+                                              fold_w)
+            return [out.transpose(-1, -2)]
+        q_s = q_t * a
         blocks = key_blocks.key_blocks(q_s, height, width)
         if blocks is not None:
             out = key_blocks.key_block_attention(q_s, k_t, v_t, row_s, col_s,
