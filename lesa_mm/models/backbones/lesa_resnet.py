@@ -105,7 +105,8 @@ class LESABottleneck(BaseModule):
             out = self.bn2(out)
         out = self.relu(out)
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity
+        return self.relu(out)
 
 
 @register_backbone
