@@ -139,6 +139,24 @@ def test_autocast_outputs_and_gradients(dtype):
     assert rel < 0.05
 
 
+@pytest.mark.parametrize('length', [1, 2, 5])
+def test_skew_and_unskew(length, monkeypatch):
+    """``skew`` reads ``x[i, j - i + L - 1]``; ``unskew`` writes ``y[i, j]``
+    there, zeros elsewhere: eager (a strided copy) and under graph capture
+    (two pads) alike."""
+    from lesa_mm.models.layers import position
+    x = torch.randn(2, length, 2 * length - 1)
+    y = torch.randn(2, length, length)
+    i, j = torch.meshgrid(torch.arange(length), torch.arange(length),
+                          indexing='ij')
+    assert torch.equal(position.skew(x), x[:, i, j - i + length - 1])
+    expected = torch.zeros_like(x)
+    expected[:, i, j - i + length - 1] = y
+    assert torch.equal(position.unskew(y), expected)
+    monkeypatch.setattr(key_blocks, 'is_graph_capture', lambda: True)
+    assert torch.equal(position.unskew(y), expected)
+
+
 # --------------------------------------------------------------------------
 # key-block path of CPU inference
 # --------------------------------------------------------------------------

@@ -61,8 +61,14 @@ def unskew(y):
     *batch, length, _ = y.shape
     if length == 1:
         return y
+    if not key_blocks.is_graph_capture():
+        # eager: one zero fill and one strided copy
+        x = y.new_zeros(*batch, length, 2 * length - 1)
+        skew(x).copy_(y)
+        return x
     # row i moves right by L - 1 - i: rows padded to 2L - 2, laid end to
-    # end, read from L - 1 earlier (functional, so every exporter keeps it)
+    # end, read from L - 1 earlier (functional: the TorchScript exporter
+    # drops a write into a view of a fresh tensor)
     flat = F.pad(y, (0, length - 2)).reshape(*batch, length * (2 * length - 2))
     return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
 
@@ -404,11 +410,11 @@ class FlattenedRelPos1d(RelativePosition):
         eq, ek, ev = self.relative.flip(-1).to(dtype).split(
             [d, d, self.value_channels], dim=0)
         q_t, k_t = q.transpose(-1, -2).to(dtype), k.transpose(-1, -2).to(dtype)
-        position = (skew((q_t * b) @ eq) +
-                    skew((k_t * c) @ ek).transpose(-1, -2))
-        logits = torch.baddbmm(position.flatten(0, 1),
-                               (q_t * a).flatten(0, 1),
-                               k.to(dtype).flatten(0, 1)).view_as(position)
+        n, _, _, length = q.shape
+        logits = torch.baddbmm(
+            skew((q_t * b) @ eq).flatten(0, 1), (q_t * a).flatten(0, 1),
+            k.to(dtype).flatten(0, 1)).view(n, g, length, length)
+        logits += skew((k_t * c) @ ek).transpose(-1, -2)
         attn = logits.softmax(dim=-1)
         o_v = attn @ v.transpose(-1, -2).to(attn.dtype)
         o_e = unskew(attn) @ ev.t().to(attn.dtype)
