@@ -11,8 +11,15 @@ per measured model.
 
 A step is a forward in eval mode under ``no_grad`` (``--mode eval``) or, in
 train mode, a forward, the backward of the sum of the outputs and zeroed
-gradients (``--mode train``). Time: the median per step of
-:meth:`torch.utils.benchmark.Timer.blocked_autorange`. Peak memory: the
+gradients (``--mode train``). Time: the median of single steps
+(:class:`timeit.Timer` on :func:`torch.utils.benchmark.utils.timer.timer`,
+which synchronises an accelerator) repeated for ``--min-run-time`` seconds.
+Threads: the environment's (``OMP_NUM_THREADS``), as MMEngine's runners
+leave them; ``--threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``
+of each measuring process. The tool never calls ``torch.set_num_threads``
+(nor ``torch.utils.benchmark.Timer``, which does): after that call, even
+with the count unchanged, PyTorch's CPU flash-attention kernel ran about
+25 % slower on a 2-core machine. Peak memory: the
 peak resident set of the process (``ru_maxrss``: interpreter, weights and
 steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; the same
 before the steps is printed beside it. FLOPs: of
@@ -32,16 +39,18 @@ Examples::
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import timeit
 
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils import to_2tuple
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark.utils.timer import timer as clock
 
 from lesa_mm.analysis import complexity_info
 
@@ -88,7 +97,6 @@ def build_subject(spec):
 def _subject_and_step(spec):
     """The built subject on its device, in the spec's mode, and its step."""
     device = torch.device(spec['device'])
-    torch.set_num_threads(spec['threads'])
     model, channels = build_subject(spec)
     model = model.to(device)
     x = torch.randn(spec['batch'], channels, *spec['shape'], device=device)
@@ -131,25 +139,27 @@ def measure(spec):
     Returns:
         dict: ``time`` (median seconds per step), ``runs`` (timed steps),
         ``peak_mib`` (:func:`peak_memory` after the steps), ``base_mib``
-        (the same before them: interpreter, libraries, weights, input) and
-        ``flops`` (of a batch of one).
+        (the same before them: interpreter, libraries, weights, input),
+        ``flops`` (of a batch of one) and ``threads`` (PyTorch's
+        intra-op threads).
     """
     device = torch.device(spec['device'])
     model, channels, step = _subject_and_step(spec)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     base = peak_memory(device)
-    timer = Timer('step()', globals=dict(step=step),
-                  num_threads=spec['threads'])
+    timer = timeit.Timer(step, timer=clock)
     timer.timeit(spec['warmup'])
-    times = timer.blocked_autorange(min_run_time=spec['min_run_time'])
+    times, end = [], clock() + spec['min_run_time']
+    while not times or clock() < end:
+        times.append(timer.timeit(1))
     peak = peak_memory(device)
     image = torch.randn(1, channels, *spec['shape'], device=device)
     model.eval()  # (some backbones' train() does not return the model)
     flops = complexity_info(model, image, show_table=False)['flops']
-    return dict(time=times.median, runs=len(times.raw_times) *
-                times.number_per_run, base_mib=base / 2**20,
-                peak_mib=peak / 2**20, flops=flops)
+    return dict(time=statistics.median(times), runs=len(times),
+                base_mib=base / 2**20, peak_mib=peak / 2**20, flops=flops,
+                threads=torch.get_num_threads())
 
 
 def peak_memory(device):
@@ -162,9 +172,15 @@ def peak_memory(device):
 
 
 def run_in_subprocess(spec):
-    """:func:`measure` in a fresh Python process (its own peak RSS)."""
+    """:func:`measure` in a fresh Python process (its own peak RSS), with
+    ``spec['threads']`` (if set) in its environment."""
+    env = dict(os.environ)
+    if spec['threads']:
+        env.update(OMP_NUM_THREADS=str(spec['threads']),
+                   MKL_NUM_THREADS=str(spec['threads']))
     proc = subprocess.run([sys.executable, __file__, '--worker',
-                           json.dumps(spec)], capture_output=True, text=True)
+                           json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f'{spec["name"]} failed (exit status '
                            f'{proc.returncode}):\n{proc.stderr[-3000:]}')
@@ -199,8 +215,8 @@ def run(args, out=None):
     what, channels = ((args.config, 3) if args.config else
                       (f'LESA layer, {args.groups} heads', args.channels))
     print(f'{what}, {args.mode}, input {args.batch}x{channels}x'
-          f'{args.shape[0]}x{args.shape[1]}, {args.device}, {args.threads} '
-          f'threads\n\n'
+          f'{args.shape[0]}x{args.shape[1]}, {args.device}, '
+          f'{rows[0]["threads"]} threads\n\n'
           '| subject | time/step (ms) | runs | peak mem (MiB) | before steps '
           '(MiB) | time ratio | mem ratio | GFLOPs (1 image) | FLOPs ratio '
           '|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|', file=out)
@@ -239,7 +255,8 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda' if
                         torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int,
-                        default=torch.get_num_threads())
+                        help="intra-op threads (OMP_NUM_THREADS of the "
+                        "measuring processes); default: the environment's")
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--min-run-time', type=float, default=10.0,
                         help='seconds of timed steps (at least one step)')
@@ -269,6 +286,8 @@ def main(argv=None, out=None):
         print(json.dumps(measure(json.loads(args.worker))))
         return None
     if args.profile:
+        if args.threads:  # this process: its torch is already loaded
+            torch.set_num_threads(args.threads)
         events, key = profile(specs(args)[0])
         print(events.table(sort_by=key, row_limit=args.profile), file=out)
         return events
