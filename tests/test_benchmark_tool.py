@@ -79,6 +79,14 @@ def test_model_against_stock(tool):
     assert model.base_channels == 16  # the stock one, sized like the demo
 
 
+def test_threads_reach_the_measuring_processes(tool):
+    """``--threads`` sets each worker's environment (the tool never calls
+    ``torch.set_num_threads``); the workers report PyTorch's count."""
+    rows = tool.main(['--size', '8', '--channels', '32', '--groups', '4',
+                      '--threads', '1'] + QUICK, out=open(os.devnull, 'w'))
+    assert [r['threads'] for r in rows] == [1, 1]
+
+
 def test_failure_names_the_subject(tool):
     # 30 channels: not a multiple of 2 * groups
     args = tool.parse_args(['--size', '8', '--channels', '30', '--groups',
