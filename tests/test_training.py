@@ -89,6 +89,31 @@ def test_two_process_cpu_training(tmp_path):
         assert 'GPU number: 2' in f.read()
 
 
+def test_distributed_session_destroys_only_its_own_group(tmp_path,
+                                                          monkeypatch):
+    """The tools' process group ends with the tool; a group that existed
+    before (a caller's) is left alone."""
+    import torch.distributed as dist
+    from mmengine.config import Config
+
+    from lesa_mm.utils.launch import distributed_session
+    monkeypatch.setattr('torch.cuda.is_available', lambda: False)
+    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT='29531',
+                           RANK='0', WORLD_SIZE='1').items():
+        monkeypatch.setenv(key, value)
+    with distributed_session(Config(dict(launcher='pytorch'))):
+        assert dist.get_backend() == 'gloo'
+    assert not dist.is_initialized()
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store',
+                            rank=0, world_size=1)
+    try:
+        with distributed_session(Config(dict(launcher='pytorch'))):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_generator_is_deterministic_and_seedable(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
         make_coco_shapes(str(tmp_path / name), num_train=3, num_val=1,

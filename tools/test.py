@@ -10,8 +10,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from lesa_mm.utils.launch import (base_parser, build_runner,  # noqa: E402
-                                  load_config, parse_tool_args,
-                                  setup_cpu_distributed)
+                                  distributed_session, load_config,
+                                  parse_tool_args)
 
 
 def parse_args(argv=None):
@@ -27,9 +27,8 @@ def main(argv=None):
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         raise FileNotFoundError(f'checkpoint {args.checkpoint!r} not found')
     cfg.load_from = args.checkpoint
-    setup_cpu_distributed(cfg)
-    runner = build_runner(cfg)
-    return runner.test()
+    with distributed_session(cfg):
+        return build_runner(cfg).test()
 
 
 if __name__ == '__main__':

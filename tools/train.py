@@ -17,8 +17,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from lesa_mm.utils.launch import (base_parser, build_runner,  # noqa: E402
-                                  load_config, parse_tool_args,
-                                  setup_cpu_distributed)
+                                  distributed_session, load_config,
+                                  parse_tool_args)
 
 
 def parse_args(argv=None):
@@ -53,9 +53,9 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
-    setup_cpu_distributed(cfg)
-    runner = build_runner(cfg)
-    runner.train()
+    with distributed_session(cfg):
+        runner = build_runner(cfg)
+        runner.train()
     return runner
 
 

@@ -1,6 +1,7 @@
 """What ``tools/train.py`` and ``tools/test.py`` share: loading a config,
-checking (or generating) its data, CPU-distributed set-up, building the
-Runner."""
+checking (or generating) its data, CPU-distributed set-up and shutdown,
+building the Runner."""
+import contextlib
 import os
 import os.path as osp
 
@@ -114,6 +115,23 @@ def setup_cpu_distributed(cfg):
                        cfg.get('find_unused_parameters', False))
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
+
+
+@contextlib.contextmanager
+def distributed_session(cfg):
+    """:func:`setup_cpu_distributed` on entry; on exit the default process
+    group is destroyed if it was created inside the block (here, or by
+    MMEngine's Runner on CUDA), as PyTorch's shutdown rules ask: gloo's
+    worker threads still alive at interpreter exit can abort a rank
+    (SIGABRT) after its work is done."""
+    import torch.distributed as dist
+    created = not (dist.is_available() and dist.is_initialized())
+    setup_cpu_distributed(cfg)
+    try:
+        yield
+    finally:
+        if created and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_runner(cfg):
