@@ -57,34 +57,31 @@ def detection_backbone(width=16, seed=None, **kwargs):
                       stage_with_dcn=(False, True, True, True), **kwargs)
 
 
+def spy_kernel(monkeypatch, name, position):
+    """Replace ``key_blocks.<name>`` by a pass-through that records the
+    positional argument at ``position`` of every call; the list of them."""
+    from lesa_mm.models.layers import key_blocks
+    calls = []
+    kernel = getattr(key_blocks, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args[position])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(key_blocks, name, spy)
+    return calls
+
+
 @pytest.fixture
 def block_calls(monkeypatch):
     """The ``blocks`` argument of every CPU key-block attention call."""
-    from lesa_mm.models.layers import key_blocks
-    calls = []
-    block_attention = key_blocks.key_block_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[7])
-        return block_attention(*args, **kwargs)
-
-    monkeypatch.setattr(key_blocks, 'key_block_attention', spy)
-    return calls
+    return spy_kernel(monkeypatch, 'key_block_attention', 7)
 
 
 @pytest.fixture
 def folded_calls(monkeypatch):
     """The ``block_w`` argument of every folded-key attention call."""
-    from lesa_mm.models.layers import key_blocks
-    calls = []
-    folded_attention = key_blocks.folded_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[9])
-        return folded_attention(*args, **kwargs)
-
-    monkeypatch.setattr(key_blocks, 'folded_attention', spy)
-    return calls
+    return spy_kernel(monkeypatch, 'folded_attention', 9)
 
 
 def pytest_configure(config):
