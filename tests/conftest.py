@@ -4,6 +4,39 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+
+# Property-based tests draw their cases with hypothesis. Each property runs
+# in two profiles: 'default', a bounded number of examples drawn from a
+# fixed seed (derandomised: every run draws the same cases), in the default
+# suite; 'thorough', thousands of freshly drawn examples, marked `slow`
+# (`pytest -m slow -k thorough`). No example database is written.
+_PROFILE_SETTINGS = dict(
+    deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow,
+                           HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much,
+                           HealthCheck.function_scoped_fixture])
+settings.register_profile('default', derandomize=True, **_PROFILE_SETTINGS)
+settings.register_profile('thorough', derandomize=False, **_PROFILE_SETTINGS)
+
+#: ``@pytest.mark.parametrize('profile', PROFILES)`` runs a property test
+#: in both profiles; the thorough one is `slow`.
+PROFILES = [pytest.param('default', id='default'),
+            pytest.param('thorough', id='thorough', marks=pytest.mark.slow)]
+
+
+def check_property(profile, examples, check, explicit=(), **strategies):
+    """Run ``check(**drawn)`` on examples drawn from ``strategies``:
+    ``examples[profile]`` of them (e.g. ``dict(default=25,
+    thorough=2000)``), with the profile's settings, after the ``explicit``
+    ones (dicts of arguments: inputs that once found a defect). A failing
+    example is shrunk and reported with the seed that reproduces it."""
+    test = given(**strategies)(check)
+    for kwargs in explicit:
+        test = example(**kwargs)(test)
+    return settings(settings.get_profile(profile),
+                    max_examples=examples[profile])(test)()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_DIR = os.path.join(REPO_ROOT, 'tests')
