@@ -32,11 +32,37 @@ KEY_BLOCK_CHUNK_BYTES = 4 << 20
 #: Bytes of folded keys per attention call of :func:`folded_attention`.
 FOLDED_CHUNK_BYTES = 16 << 20
 
-_cpu_flash = getattr(torch.ops.aten,
-                     '_scaled_dot_product_flash_attention_for_cpu', None)
-_cpu_flash_backward = getattr(
+_cpu_flash_op = getattr(torch.ops.aten,
+                        '_scaled_dot_product_flash_attention_for_cpu', None)
+_cpu_flash_backward_op = getattr(
     torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward',
     None)
+
+
+def _unit_stride(t):
+    """``t`` with a contiguous last dimension (``t`` itself if it has one)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cpu_flash(q, k, v):
+    """PyTorch's CPU flash-attention kernel at scale 1: ``(out, lse)``.
+
+    The private op reads every tensor as if its last dimension were
+    contiguous and, unlike the public ``scaled_dot_product_attention``,
+    neither checks nor copies: a value tensor of stride ``(..., L, 1)``
+    read as ``(..., 1, L)`` gives a silently wrong result. Every input is
+    given a contiguous last dimension here (a copy only where it lacks one).
+    """
+    return _cpu_flash_op(_unit_stride(q), _unit_stride(k), _unit_stride(v),
+                         scale=1.0)[:2]
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, lse):
+    """The backward of :func:`_cpu_flash` (``grad_q, grad_k, grad_v``),
+    its inputs likewise given a contiguous last dimension."""
+    return _cpu_flash_backward_op(
+        *(_unit_stride(t) for t in (grad_out, q, k, v, out, lse)), 0.0,
+        False, scale=1.0)
 
 
 def is_graph_capture():
@@ -62,8 +88,8 @@ def key_blocks(q_s, height, width, target=None):
     exporting or compiling, and where blocks would not at least halve the
     augmented head width."""
     target = KEY_BLOCK if target is None else target
-    if q_s.device.type != 'cpu' or _cpu_flash is None or \
-            _cpu_flash_backward is None or is_graph_capture():
+    if q_s.device.type != 'cpu' or _cpu_flash_op is None or \
+            _cpu_flash_backward_op is None or is_graph_capture():
         return None
     h, w = _block_side(height, target), _block_side(width, target)
     dq = q_s.shape[-1]
@@ -195,7 +221,7 @@ class _KeyBlockAttention(torch.autograd.Function):
                 o, lse_part = _cpu_flash(
                     layout.queries(q_s[head, part], row_p[head, part],
                                    col_p[head, part]).unsqueeze(1),
-                    k_aug[head], v_aug[head], scale=1.0)[:2]
+                    k_aug[head], v_aug[head])
                 lse_part = lse_part.view(layout.count, -1)
                 lse[head, :, part] = lse_part
                 o = o.view(layout.count, -1, layout.size)[..., :layout.dv]
@@ -238,7 +264,7 @@ class _KeyBlockAttention(torch.autograd.Function):
                 gq, gk, gv = _cpu_flash_backward(
                     grad_block.view(count, 1, n, size), q_aug, k_aug[head],
                     v_aug[head], merged.expand(count, 1, n, size),
-                    lse_part.view(count, 1, n), 0.0, False, scale=1.0)
+                    lse_part.view(count, 1, n))
                 gq = gq.view(rows, cols, n, size)
                 grad_q[head, part] = gq[..., :dq].sum((0, 1))
                 grad_row[head, part] = gq[..., dq:dq + h].sum(1).permute(
@@ -355,9 +381,11 @@ class _FoldedLayout:
         return buf[:n].flatten(2, 3)
 
     def values(self, v):
-        """``(L, dv)`` -> ``(cols, H w, size)``."""
+        """``(L, dv)`` -> ``(cols, H w, size)``, its last dimension
+        contiguous (it is expanded over the query rows, so the kernel's
+        wrapper must not have to copy it)."""
         v = F.pad(self.key_blocks(v), (0, self.size - self.dv))
-        return v.flatten(1, 2)
+        return _unit_stride(v.flatten(1, 2))
 
     def queries(self, q, col_s):
         """``[q_i, col_s[i, block cols]]``: ``(H, cols, W, size)``."""
@@ -447,8 +475,7 @@ def _folded_rows(q, k_s, v, row_table, col_s, height, width, block_w,
             o, lse = _cpu_flash(
                 q_aug[rows], layout.fold_keys(keys, k_blocks, row_table[h],
                                               rows),
-                v_aug.expand(rows.stop - rows.start, *v_aug.shape),
-                scale=1.0)[:2]
+                v_aug.expand(rows.stop - rows.start, *v_aug.shape))
             weights = lse.softmax(dim=1).unsqueeze(-1)
             torch.sum(o[..., :dv] * weights, dim=1, out=out[b, h, rows])
     return out.view(n, g, length, dv)
