@@ -103,9 +103,19 @@ def test_deformable_unary_matches_spec(pe_type, feat):
 
 
 def test_sizes_and_pooling_shapes():
-    layer = LESA(64, 64, feat_size=8, stride=2)
+    """A strided layer gives a strided convolution's size, ceil(H / s):
+    odd sides keep their last row or column, whose windows average the
+    positions they cover."""
+    layer = LESA(64, 64, feat_size=8, stride=2).eval()
     assert layer(torch.randn(1, 64, 8, 8)).shape == (1, 64, 4, 4)
-    assert layer(torch.randn(1, 64, 3, 7)).shape == (1, 64, 1, 3)
+    x = torch.randn(1, 64, 3, 7)
+    y = layer(x)
+    conv = torch.nn.Conv2d(64, 64, 1, stride=2)
+    assert y.shape == conv(x).shape == (1, 64, 2, 4)
+    full = layer.fusion(layer.unary(x), layer.binary(x))
+    torch.testing.assert_close(y[..., 0, 0], full[..., :2, :2].mean((-1, -2)))
+    torch.testing.assert_close(y[..., 0, 3], full[..., :2, 6].mean(-1))
+    torch.testing.assert_close(y[..., 1, 3], full[..., 2, 6])
 
 
 def test_three_named_terms():

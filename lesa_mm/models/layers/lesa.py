@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lesa_mm.registry import ROOT_MODELS
 from ..utils import (boolean, channel_norm, positive_int,
                      registered_layer_cfg)
-from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS
+from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS, under_functorch
 from .logit_norm import LogitBatchNorm
 from .position import POSITION_ENCODINGS
 
@@ -179,10 +179,17 @@ class LESABinary(nn.Module):
         n, _, h, w = x.shape
         self.position.check_size(h, w)
         q, k, v = self.split_heads(x)
-        attention = ATTENTION_KERNELS[self.attn_impl]
+        impl = self.attn_impl
+        if impl == 'fused' and under_functorch(q):
+            impl = 'reference'  # torch.func transforms need plain ops
+        attention = ATTENTION_KERNELS[impl]
         outs = attention(q, k, v, self.position, self.logit_norm, h, w)
         if len(outs) == 1:
-            return self.out_norm(outs[0].reshape(n, -1, h, w))
+            # contiguous: with one head the reshape is a view, laid out
+            # channels-last, and for a batch of one its batch stride can be
+            # one that PyTorch's CPU BatchNorm backward misreads (a
+            # silently wrong input gradient, seen with torch 2.13)
+            return self.out_norm(outs[0].reshape(n, -1, h, w).contiguous())
         stacked = torch.stack(outs, dim=3)  # (N, g, dv, outputs, L)
         normed = self.out_norm(stacked.reshape(n, -1, h, w))
         return normed.view(n, -1, len(outs), h, w).sum(dim=2)
@@ -263,8 +270,10 @@ class LESA(BaseModule):
         groups (int): Heads of the binary term and groups of the unary
             convolution. Defaults to 8.
         stride (int): If > 1, the fused output is average-pooled with this
-            kernel and stride (attention runs at the input resolution).
-            Defaults to 1.
+            kernel and stride (attention runs at the input resolution); the
+            output is ``ceil(H / stride) x ceil(W / stride)``, the size of a
+            strided convolution's, a window overhanging an odd side averaging
+            the positions it covers. Defaults to 1.
         pe_type (str): Relative position encoding, ``'detection_qr'``
             (decomposed 2-D, queries only) or ``'classification'``
             (flattened 1-D for queries, keys and values).
@@ -331,7 +340,14 @@ class LESA(BaseModule):
         self.binary = LESABinary(in_channels, out_channels, groups, feat_size,
                                  pe_type, norm_cfg, attn_impl)
         self.fusion = LESAFusion(out_channels, norm_cfg)
-        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else None
+        # ceil_mode: an odd side keeps its last row/column (averaged over
+        # what the window covers), so the output has the size of the
+        # block's strided projection, (H + 1) // 2 at stride 2, as
+        # MMDetection's avg_down pooling; on sides divisible by the stride
+        # it is the plain AvgPool2d(stride, stride)
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True,
+                                 count_include_pad=False) \
+            if stride > 1 else None
 
     @property
     def pe_type(self):
