@@ -373,3 +373,67 @@ def test_classification_kernel_on_a_single_position():
         y_f, gx_f, weight = run_step(fused.train(training), x)
         y_r, gx_r, _ = run_step(reference.train(training), x, weight)
         assert rel_error(y_f, y_r) < 1e-6 and rel_error(gx_f, gx_r) < 1e-6
+
+
+# --------------------------------------------------------------------------
+# higher-order autograd and torch.func
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('size', [(8, 8), (40, 3)], ids=['one-call', 'blocks'])
+def test_second_derivative_refused_with_the_way_out(size):
+    """The fused detection_qr kernels run on fused attention kernels, which
+    have no second derivative: a create_graph backward is refused with a
+    message naming attn_impl='reference', which computes it."""
+    fused, reference = fused_and_reference(8, 16, 2, 'detection_qr', 8)
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    fused.double().eval()
+    with pytest.raises(RuntimeError, match=r"first derivatives only.*"
+                       r"attn_impl='reference'"):
+        torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    # first derivatives are unaffected
+    grad, = torch.autograd.grad(fused(x).square().sum(), x)
+    reference.double().eval()
+    grad_r, = torch.autograd.grad(reference(x).square().sum(), x,
+                                  create_graph=True)
+    assert rel_error(grad, grad_r) < 1e-12
+    grad_r.square().sum().backward()  # a gradient penalty
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_classification_kernel_has_second_derivatives():
+    fused, reference = fused_and_reference(8, 16, 2, 'classification', 5)
+    for layer in (fused, reference):
+        layer.double().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    penalties = []
+    for layer in (fused, reference):
+        grad, = torch.autograd.grad(layer(x).square().sum(), x,
+                                    create_graph=True)
+        penalties.append(torch.autograd.grad(grad.square().sum(), x)[0])
+    assert rel_error(*penalties) < 1e-10
+
+
+@pytest.mark.parametrize('size', [(8, 8), (40, 3)], ids=['one-call', 'blocks'])
+def test_torch_func_transforms_take_the_reference_kernel(size):
+    """torch.func.grad (and a Hessian-vector product through jacrev of
+    grad) of a fused layer equal plain autograd of the reference kernel:
+    under functorch transforms the layer takes the reference kernel."""
+    from torch.func import functional_call, grad, jacrev
+    fused, reference = fused_and_reference(8, 16, 2, 'detection_qr', 8)
+    for layer in (fused, reference):
+        layer.double().eval()
+    x = torch.randn(1, 8, *size, dtype=torch.float64)
+    params = dict(fused.named_parameters())
+    buffers = dict(fused.named_buffers())
+
+    def loss(p, inputs):
+        return functional_call(fused, (p, buffers), (inputs,)).square().sum()
+
+    grads = grad(loss)(params, x)
+    reference(x).square().sum().backward()
+    for name, p in reference.named_parameters():
+        if not name.endswith('logit_norm.bias'):
+            assert rel_error(grads[name], p.grad) < 1e-10, name
+    # second order in x: the Hessian's row for one input element
+    x_grad = grad(loss, argnums=1)
+    row = jacrev(lambda v: x_grad(params, v).flatten()[0])(x)
+    assert torch.isfinite(row).all() and row.abs().sum() > 0

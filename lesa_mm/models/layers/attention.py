@@ -77,6 +77,47 @@ def fused_attention(q, k, v, position, logit_norm, height, width):
     return position.fused_attention(q, k, v, logit_norm, height, width)
 
 
+def under_functorch(tensor):
+    """Whether ``tensor`` is being transformed by ``torch.func`` (``grad``,
+    ``vmap``, ``jacrev``, ...): the fused kernels' private ops and autograd
+    Functions have no rules for those transforms, so the binary term takes
+    the reference kernel there."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """Identity whose backward refuses to be differentiated again, with a
+    message naming the way out: PyTorch's fused attention kernels, which
+    the ``detection_qr`` kernels run on, have no second derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "LESA's fused 'detection_qr' attention (attn_impl='fused') "
+                'has first derivatives only: it runs on fused attention '
+                'kernels, which have no second derivative. A backward with '
+                'create_graph=True (gradient penalties, meta-learning, '
+                "Hessians) needs attn_impl='reference' (e.g. "
+                "model.backbone.attn_impl='reference'); torch.func "
+                'transforms take it by themselves')
+        return grad
+
+
+def first_derivative_only(x):
+    """``x``, refusing a second derivative clearly where autograd records
+    in eager mode (:class:`_FirstDerivativeOnly`; a captured graph keeps
+    plain operators)."""
+    if torch.is_grad_enabled() and x.requires_grad and \
+            not key_blocks.is_graph_capture():
+        return _FirstDerivativeOnly.apply(x)
+    return x
+
+
 def autocast_dtype(device_type):
     """The autocast dtype in force on ``device_type``, or ``None`` (also for
     device types that have no autocast, e.g. ``'meta'``)."""
