@@ -51,7 +51,7 @@ def test_mask_rcnn_reference_recipe():
     assert bb.feat_sizes == (256, 128, 64, 32) and bb.with_cp
     assert bb.stage_with_dcn == (False, True, True, True)
     assert bb.dcn.deform_groups == 1
-    assert bb.init_cfg.type == 'Pretrained'
+    assert bb.init_cfg.type == 'LESATransfer'  # fresh tables, as the authors
     resize = cfg.train_dataloader.dataset.pipeline[2]
     assert resize.scale == (1024, 1024) and resize.keep_ratio is False
     assert cfg.model.data_preprocessor.pad_size_divisor == 32
@@ -161,7 +161,8 @@ def test_transfer_report_and_errors(tmp_path):
 def test_detectors_start_from_detection_qr_imagenet_models(det_path):
     imagenet_path, checkpoint = QR_PRETRAINING[det_path]
     det = Config.fromfile(os.path.join(REPO_ROOT, det_path)).model.backbone
-    assert det.init_cfg == dict(type='Pretrained', checkpoint=checkpoint)
+    assert det.init_cfg == dict(type='LESATransfer',
+                                checkpoint=checkpoint)
     # the checkpoint is named after the config that trains it
     assert os.path.basename(imagenet_path).replace('_4xb32', '') == \
         os.path.basename(checkpoint).replace('.pth', '.py')
@@ -243,8 +244,10 @@ def test_detector_from_detection_qr_imagenet_checkpoint(tmp_path, det_path):
     assert [o.shape[-1] for o in outs] == [64, 32, 16, 8]
 
     log = log_file.read_text()
-    assert ('re-initialised the position tables of 8 LESA layers: the '
-            'checkpoint\'s are trained for other feature sizes') in log
+    assert ('WARNING -   - re-initialised 16 trained position tables of 8 '
+            'LESA layers at the model\'s feature sizes, as the LESA '
+            'transfer recipe does (LESATransfer): '
+            'layer3.1.conv2.binary.position.rel_height, ') in log
     assert 'zero-initialised 26 deformable-conv offset tensors' in log
     assert 'dropped 2 keys outside the backbone' in log
     assert (f'loaded {unchanged} of {len(dst)} tensors unchanged from the '
@@ -265,7 +268,7 @@ def test_full_size_qr_transfer_reinitialises_only_the_tables():
     cfg.model.backbone.init_cfg = None
     det = build_model_from_config(cfg).backbone
     src = src.state_dict()
-    state, report = transfer_state_dict(src, det)
+    state, report = transfer_state_dict(src, det, position_tables='reinit')
     tables = [k for k in state if '.binary.position.' in k]
     assert len(tables) == 16
     for key, value in state.items():

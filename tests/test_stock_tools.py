@@ -372,7 +372,7 @@ def test_detection_from_imagenet_checkpoint(tmp_path, tmp_path_factory,
     # branches (MMPretrain's ResNet default) to stand in for them.
     pretrained = imagenet_run(tmp_path_factory, pretraining_config(base),
                               ['model.backbone.zero_init_residual=True'])
-    init_cfg = dict(type='Pretrained', checkpoint=str(pretrained))
+    init_cfg = dict(type='LESATransfer', checkpoint=str(pretrained))
     records, _, checkpoint = train_and_test_detector(
         tmp_path, base, init_cfg=init_cfg, tag='pretrained')
     assert_stable(records)

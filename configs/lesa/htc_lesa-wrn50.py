@@ -25,7 +25,7 @@ model = dict(
         width_per_group=128,
         # stage output sizes at 1280x1280 (strides 4, 8, 16, 32)
         feat_sizes=(320, 160, 80, 40),
-        init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
+        init_cfg=dict(type='LESATransfer', checkpoint=imagenet_checkpoint)))
 
 backend_args = None
 train_pipeline = [

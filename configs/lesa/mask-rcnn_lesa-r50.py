@@ -9,10 +9,11 @@
 # checkpoint with 'detection_qr' positions (trained with
 # configs/lesa/lesa-resnet50-qr_4xb32_in1k.py, or the authors' "ImageNet
 # pretrained" weights converted with
-# tools/model_converters/lesa_official_to_mm.py): only its position tables,
-# trained for other feature sizes, are re-initialised. A classification
-# checkpoint (lesa-resnet50_4xb32_in1k.py) is adapted instead (docs/lesa.md,
-# section 9). Point elsewhere with
+# tools/model_converters/lesa_official_to_mm.py), through 'LESATransfer': as
+# in the authors' recipe, its position tables, trained for other feature
+# sizes, start afresh at the detector's ('Pretrained' would keep them). A
+# classification checkpoint (lesa-resnet50_4xb32_in1k.py) is adapted instead
+# (docs/lesa.md, section 9). Point elsewhere with
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
@@ -31,7 +32,7 @@ model = dict(
     backbone=dict(
         _base_.lesa_backbone,  # LESA-ResNet-50, sized for 1024x1024
         _delete_=True,
-        init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
+        init_cfg=dict(type='LESATransfer', checkpoint=imagenet_checkpoint)))
 
 backend_args = None
 train_pipeline = [

@@ -15,9 +15,11 @@
 #       --cfg-options model.backbone.depth=101 \
 #       model.backbone.pe_type=detection_qr
 # and copied to checkpoints/lesa-resnext101-32x4d-qr_in1k.pth. MMDetection's
-# ImageNet ResNeXt-101 initialises the non-LESA layers instead (the LESA
-# layers keep their initialisation; the load logs their keys as missing):
-#   --cfg-options model.backbone.init_cfg.checkpoint=open-mmlab://resnext101_32x4d
+# ImageNet ResNeXt-101 initialises the non-LESA layers instead, through
+# MMEngine's 'Pretrained' (the LESA layers keep their initialisation; the
+# load logs their keys as missing, where 'LESATransfer' refuses them):
+#   --cfg-options model.backbone.init_cfg.type=Pretrained \
+#       model.backbone.init_cfg.checkpoint=open-mmlab://resnext101_32x4d
 _base_ = ['./mask-rcnn_lesa-r50.py']
 
 imagenet_checkpoint = 'checkpoints/lesa-resnext101-32x4d-qr_in1k.pth'
@@ -28,4 +30,4 @@ model = dict(
         depth=101,
         groups=32,
         base_width=4,
-        init_cfg=dict(type='Pretrained', checkpoint=imagenet_checkpoint)))
+        init_cfg=dict(type='LESATransfer', checkpoint=imagenet_checkpoint)))

@@ -7,3 +7,4 @@ __all__ = [
     'build_model_from_config'
 ]
 from .curves import PlotCurvesHook  # noqa: F401  (registers the hook)
+from .transfer import LESATransferInit  # noqa: F401  (registers the init)

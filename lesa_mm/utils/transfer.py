@@ -1,36 +1,47 @@
-"""ImageNet-to-COCO transfer of LESA-ResNet weights (``docs/lesa.md``,
-section 9).
+"""Loading checkpoints into LESA-ResNet backbones, and the ImageNet-to-COCO
+transfer (``docs/lesa.md``, section 9).
 
-Two kinds of ImageNet checkpoint initialise a ``'detection_qr'`` detection
-backbone:
+Every state dict loaded into a LESA backbone, by any route
+(``load_state_dict``, ``init_cfg=dict(type='Pretrained')``, a runner's
+``load_from`` or ``resume``, ``tools/test.py``), passes through one
+``load_state_dict`` pre-hook (:func:`adapt_on_load`). A state dict that fits
+loads as it is. Otherwise:
 
-* A ``'detection_qr'`` ImageNet model (``configs/lesa/lesa-*-qr_*_in1k.py``,
-  the authors' route). Its norms have the detector's shapes; only the
-  position tables, trained for other feature sizes, do not fit and are
-  re-initialised. Every other tensor loads unchanged.
+* ``'detection_qr'`` position tables trained for other feature sizes are
+  kept: the model's tables take the checkpoint's shape, so the model
+  computes exactly what the checkpoint's model computes, at every input
+  size (the encoding reads its tables at any size).
 * A ``'classification'`` ImageNet model (one flattened 1-D table per layer,
-  a 3-term logit norm and an interleaved 2C-channel output norm), adapted:
-  the position tables are re-initialised (the flattened table has no 2-D
-  form); the logit norm of the content logits (the first ``g`` channels) is
-  kept and the one of the position logits re-initialised; the output norm
-  of the values (the even channels of the interleaved norm) is kept and the
-  one of the value embeddings dropped.
+  a 3-term logit norm and an interleaved 2C-channel output norm) loaded
+  into a ``'detection_qr'`` backbone is adapted: the position tables are
+  re-initialised (the flattened table has no 2-D form); the logit norm of
+  the content logits (the first ``g`` channels) is kept and the one of the
+  position logits re-initialised; the output norm of the values (the even
+  channels of the interleaved norm) is kept and the one of the value
+  embeddings dropped. ``'classification'`` tables of another size are
+  re-initialised too (that encoding serves only its own size).
+* The head of a whole classifier or detector is dropped, and
+  deformable-conv offsets that the checkpoint lacks start at zero.
 
-Either way the classifier head is dropped, deformable-conv offsets that the
-checkpoint lacks start at zero, position tables of the model's shape load
-as they are, and anything else that does not fit is an error naming the
-key (:func:`transfer_state_dict`). The report says which of these happened.
+The log says what was adapted; a re-initialised trained tensor is a WARNING
+that names it. Anything else that does not fit is left to
+``load_state_dict`` to report.
 
-The LESA backbones apply the same adaptation to every state dict loaded into
-them, through a ``load_state_dict`` pre-hook (:func:`adapt_on_load`), so
-``model.load_state_dict(sd)``, ``init_cfg=dict(type='Pretrained', ...)`` and
-a runner's ``load_from`` agree; there, what does not fit for an uncovered
-reason is left to ``load_state_dict`` to report.
+The LESA recipe's ImageNet-to-COCO transfer re-initialises the ImageNet
+model's position tables at the detector's sizes: ``init_cfg=dict(type=
+'LESATransfer', checkpoint=...)`` (:class:`LESATransferInit`), which the
+detection configs use, and :func:`transfer_state_dict` with
+``position_tables='reinit'``; there, anything that does not fit is an error
+naming the key.
 """
+import logging
+import os
 import re
 from collections import OrderedDict
 
 import torch
+from mmengine.model.weight_init import PretrainedInit, update_init_info
+from mmengine.registry import WEIGHT_INITIALIZERS
 
 from .official_checkpoint import convert
 
@@ -77,20 +88,42 @@ def _lesa_layer_in(key, src):
     return any(k.startswith(layer) for k in src)
 
 
-def _adapt(src, target, dropped_outside):
+def _position_module(model, key):
+    """The position encoding that owns the table ``key`` of ``model``."""
+    return model.get_submodule(key.rsplit('.', 1)[0])
+
+
+def _other_size(model, key, src_shape, shape):
+    """Whether a checkpoint table of ``src_shape`` is the model's table
+    ``key`` (of ``shape``) for another feature size: the same channels, only
+    its offset axis (the encoding's ``table_offset_dims``) of another
+    length."""
+    dim = _position_module(model, key).table_offset_dims[key.rsplit('.')[-1]]
+    src_shape, shape = list(src_shape), list(shape)
+    del src_shape[dim], shape[dim]
+    return src_shape == shape
+
+
+def _adapt(src, model, dropped_outside, position_tables='keep'):
     """The adaptation of :func:`transfer_state_dict`, without raising.
 
     Returns:
-        tuple: ``(out, leftover, report, problems, adapted)``: the model's
-        tensors from the source (adapted where covered), the source tensors
-        that do not fit for an uncovered reason (mis-shaped or unknown keys,
-        as they are), the report, one line per problem, and whether
-        anything was adapted.
+        tuple: ``(out, leftover, notes, problems, adapted, resized)``: the
+        model's tensors from the source (adapted where covered), the source
+        tensors that do not fit for an uncovered reason (mis-shaped or
+        unknown keys, as they are), the report as ``(log level, line)``
+        pairs, one line per problem, whether anything was adapted, and the
+        model's tables that take the checkpoint's shape (key -> shape).
     """
+    if position_tables not in ('keep', 'reinit'):
+        raise ValueError(f"position_tables must be 'keep' or 'reinit', got "
+                         f'{position_tables!r}')
+    target = model.state_dict()
     out = OrderedDict()
     used = set()
     reinit_tables, reinit_pos_norms, split_out_norms = [], [], []
-    resized_tables = {}  # key -> (checkpoint shape, model shape)
+    kept_tables = {}  # key -> (checkpoint shape, model shape)
+    recipe_tables, fixed_size_tables = [], []  # re-initialised, other size
     zero_offsets, problems, missing = [], [], []
 
     for key, value in target.items():
@@ -99,18 +132,28 @@ def _adapt(src, target, dropped_outside):
             out[key] = src[key]
             used.add(key)
             continue
-        if lesa and lesa.group(2) == 'position' and (
-                key in src or _lesa_layer_in(key, src)):
-            # keep the model's fresh tables: the checkpoint's are trained
-            # for other feature sizes (same encoding, another shape) or are
-            # of another encoding (classification 'relative')
-            out[key] = value
-            if key in src:
-                resized_tables[key] = (tuple(src[key].shape),
-                                       tuple(value.shape))
-                used.add(key)
+        if lesa and lesa.group(2) == 'position' and key in src and \
+                _other_size(model, key, src[key].shape, value.shape):
+            used.add(key)
+            if _position_module(model, key).any_size and \
+                    position_tables == 'keep':
+                # the model takes the trained table as it is: an any-size
+                # encoding reads it at every input size as the checkpoint's
+                # model did
+                out[key] = src[key]
+                kept_tables[key] = (tuple(src[key].shape),
+                                    tuple(value.shape))
             else:
-                reinit_tables.append(key)
+                out[key] = value
+                (recipe_tables if _position_module(model, key).any_size
+                 else fixed_size_tables).append(key)
+            continue
+        if lesa and lesa.group(2) == 'position' and key not in src and \
+                _lesa_layer_in(key, src):
+            # the checkpoint's layer has tables of another encoding
+            # (classification 'relative' for a detection_qr model)
+            out[key] = value
+            reinit_tables.append(key)
             continue
         if lesa and lesa.group(2) == 'logit_norm' and key in src and \
                 lesa.group(3) in _NORM_STATS:
@@ -163,64 +206,116 @@ def _adapt(src, target, dropped_outside):
     def layers(keys):
         return sorted({_LESA_MODULE.fullmatch(k).group(1) for k in keys})
 
-    report = []
+    info, warning = logging.INFO, logging.WARNING
+    notes = []
     if dropped_outside:
-        report.append(f'dropped {len(dropped_outside)} keys outside the '
-                      f'backbone (e.g. {dropped_outside[0]})')
-    if resized_tables:
-        key, (src_shape, dst_shape) = next(iter(resized_tables.items()))
-        report.append(
-            f're-initialised the position tables of '
-            f'{len(layers(resized_tables))} LESA layers: the checkpoint\'s '
-            f'are trained for other feature sizes (e.g. {key}: '
-            f'{src_shape} in the checkpoint, {dst_shape} in the model)')
+        notes.append((info, f'dropped {len(dropped_outside)} keys outside '
+                            f'the backbone (e.g. {dropped_outside[0]})'))
+    if kept_tables:
+        key, (src_shape, dst_shape) = next(iter(kept_tables.items()))
+        notes.append((info, (
+            f'kept the trained position tables of '
+            f'{len(layers(kept_tables))} LESA layers at the checkpoint\'s '
+            f'feature sizes (e.g. {key}: {src_shape} in the checkpoint, '
+            f'{dst_shape} as built): the layers read them at every input '
+            f'size as the checkpoint\'s model did')))
+    if recipe_tables:
+        notes.append((warning, (
+            f're-initialised {len(recipe_tables)} trained position tables '
+            f'of {len(layers(recipe_tables))} LESA layers at the model\'s '
+            f'feature sizes, as the LESA transfer recipe does '
+            f'(LESATransfer): {", ".join(recipe_tables)}')))
+    if fixed_size_tables:
+        key = fixed_size_tables[0]
+        notes.append((warning, (
+            f're-initialised {len(fixed_size_tables)} trained position '
+            f'tables of {len(layers(fixed_size_tables))} LESA layers: the '
+            f'checkpoint\'s are trained for another feature size (e.g. '
+            f'{key}: {tuple(src[key].shape)} in the checkpoint, '
+            f'{tuple(target[key].shape)} in the model) and their encoding '
+            f'serves only the size it is built for: '
+            f'{", ".join(fixed_size_tables)}')))
     if reinit_tables or dropped_tables:
-        report.append(
+        notes.append((warning, (
             f're-initialised the position tables of '
             f'{len(layers(reinit_tables))} LESA layers and dropped '
-            f'{len(dropped_tables)} source tables: the checkpoint\'s '
+            f'{len(dropped_tables)} trained source tables: the checkpoint\'s '
             f'encodings do not fit the model\'s (e.g. classification '
-            f'flattened 1-D tables for a detection_qr backbone)')
+            f'flattened 1-D tables for a detection_qr backbone): '
+            f'{", ".join(dropped_tables)}')))
     if reinit_pos_norms:
-        report.append(
+        notes.append((warning, (
             f'kept the content-logit norm and re-initialised the '
             f'position-logit norm of {len(layers(reinit_pos_norms))} '
-            f'LESA layers (3 logit terms -> 2)')
+            f'LESA layers (3 logit terms -> 2)')))
     if split_out_norms:
-        report.append(
+        notes.append((warning, (
             f'kept the value channels (even channels) of the interleaved '
             f'output norm of {len(layers(split_out_norms))} LESA layers; '
-            f'the value-embedding channels have no detection counterpart')
+            f'the value-embedding channels have no detection counterpart')))
     if zero_offsets:
-        report.append(f'zero-initialised {len(zero_offsets)} deformable-'
-                      f'conv offset tensors absent from the checkpoint')
+        notes.append((info, f'zero-initialised {len(zero_offsets)} '
+                            f'deformable-conv offset tensors absent from '
+                            f'the checkpoint'))
+    reinitialised = recipe_tables + fixed_size_tables + reinit_tables
     adapted_norms = len(reinit_pos_norms) + len(split_out_norms)
-    unchanged = len(used) - adapted_norms - len(resized_tables)
+    unchanged = len(used) - adapted_norms - len(recipe_tables) - \
+        len(fixed_size_tables)
     if adapted_norms:
-        report.append(f'loaded {unchanged} of {len(target)} tensors '
-                      f'unchanged and adapted {adapted_norms} norm tensors '
-                      f'from the checkpoint')
+        summary = (f'loaded {unchanged} of {len(target)} tensors unchanged '
+                   f'and adapted {adapted_norms} norm tensors from the '
+                   f'checkpoint')
     elif problems:
-        report.append(f'loaded {unchanged} of {len(target)} tensors '
-                      f'unchanged from the checkpoint')
+        summary = (f'loaded {unchanged} of {len(target)} tensors unchanged '
+                   f'from the checkpoint')
     else:
-        fresh = ['position tables'] * bool(resized_tables or reinit_tables)
+        fresh = ['position tables'] * bool(reinitialised)
         fresh += ['deformable-conv offsets'] * bool(zero_offsets)
-        report.append(
-            f'loaded {unchanged} of {len(target)} tensors unchanged from the '
-            f'checkpoint: every tensor of the model' +
-            (f' except its {" and ".join(fresh)}' if fresh else ''))
+        summary = (f'loaded {unchanged} of {len(target)} tensors unchanged '
+                   f'from the checkpoint: every tensor of the model' +
+                   (f' except its {" and ".join(fresh)}' if fresh else ''))
+    notes.append((info, summary))
     if problems:
-        report.append(f'{len(missing)} tensors of the model are missing '
-                      f'from the checkpoint and {len(problems) - len(missing)}'
-                      f' of its tensors do not fit (e.g. {problems[0]})')
-    adapted = bool(dropped_outside or resized_tables or reinit_tables
+        notes.append((warning, (
+            f'{len(missing)} tensors of the model are missing from the '
+            f'checkpoint and {len(problems) - len(missing)} of its tensors '
+            f'do not fit (e.g. {problems[0]})')))
+    adapted = bool(dropped_outside or kept_tables or reinitialised
                    or dropped_tables or adapted_norms or zero_offsets)
-    return out, leftover, report, problems, adapted
+    resized = {key: shapes[0] for key, shapes in kept_tables.items()}
+    return out, leftover, notes, problems, adapted, resized
 
 
-def transfer_state_dict(source, model, prefix='backbone.'):
+def _resize_tables(model, resized):
+    """Give the position tables ``resized`` (key -> shape) of ``model`` the
+    checkpoint's shapes, in place: the parameters stay the same objects (an
+    optimizer built before loading keeps them)."""
+    for key, shape in resized.items():
+        param = model.get_parameter(key)
+        param.data = param.data.new_empty(shape)
+
+
+def _log_notes(title, notes):
+    """The report, line by line, each at its level (MMEngine's logger shows
+    a repeated WARNING once)."""
+    from mmengine.logging import print_log
+    print_log(title, logger='current')
+    for level, line in notes:
+        print_log(f'  - {line}', logger='current', level=level)
+
+
+def transfer_state_dict(source, model, prefix='backbone.',
+                        position_tables='keep'):
     """Adapt a checkpoint's backbone weights to ``model``.
+
+    Position tables of the model's encoding trained for another feature
+    size are kept where the encoding serves any size (``'detection_qr'``:
+    the model's tables take the checkpoint's shape, in place, so that it
+    computes what the checkpoint's model computes), unless
+    ``position_tables='reinit'`` asks for the LESA transfer recipe (fresh
+    tables at the model's sizes). Tables that cannot serve the model (a
+    ``'classification'`` table of another size, another encoding's) are
+    re-initialised; the report says which, and why.
 
     Args:
         source (dict): Checkpoint or state dict (see
@@ -228,6 +323,8 @@ def transfer_state_dict(source, model, prefix='backbone.'):
         model (nn.Module): The target backbone, already initialised: its
             current values are kept wherever the source has nothing to give.
         prefix (str): Prefix of the backbone keys in ``source``.
+        position_tables (str): ``'keep'`` or ``'reinit'`` (see above).
+            Defaults to ``'keep'``.
 
     Returns:
         tuple[OrderedDict, list[str]]: A state dict that loads into ``model``
@@ -239,75 +336,97 @@ def transfer_state_dict(source, model, prefix='backbone.'):
             mis-shaped for a reason the transfer does not cover.
     """
     src, dropped_outside = backbone_state_dict(source, prefix)
-    out, _, report, problems, _ = _adapt(src, model.state_dict(),
-                                         dropped_outside)
+    out, _, notes, problems, _, resized = _adapt(
+        src, model, dropped_outside, position_tables)
     if problems:
         raise ValueError(
             'the checkpoint does not fit the LESA backbone: ' +
             '; '.join(problems))
-    return out, report
+    _resize_tables(model, resized)
+    return out, [line for _, line in notes]
 
 
 def adapt_on_load(model, state_dict, prefix=''):
     """Adapt, in place, the part of ``state_dict`` under ``prefix`` to
-    ``model`` as :func:`transfer_state_dict` does; the body of the
-    ``load_state_dict`` pre-hook of the LESA backbones, so that
-    ``load_state_dict``, ``init_cfg=dict(type='Pretrained')`` and a
-    runner's ``load_from`` all load a checkpoint the same way.
+    ``model`` as :func:`transfer_state_dict` does (trained ``'detection_qr'``
+    tables kept); the body of the ``load_state_dict`` pre-hook of the LESA
+    backbones, so that ``load_state_dict``, ``init_cfg=dict(type=
+    'Pretrained')``, a runner's ``load_from`` and ``resume`` all load a
+    checkpoint the same way.
 
     A state dict that fits the model is left untouched. Otherwise the
-    covered cases are adapted (and the report logged); keys that do not fit
-    for another reason are left as they are, for ``load_state_dict`` to
-    report (an error with ``strict=True``; MMEngine's loaders, which load
-    with ``strict=False``, log them).
+    covered cases are adapted and the report logged (a WARNING where a
+    trained tensor is re-initialised); keys that do not fit for another
+    reason are left as they are, for ``load_state_dict`` to report (an
+    error with ``strict=True``; MMEngine's loaders, which load with
+    ``strict=False``, log them).
     """
     local = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items()
                         if k.startswith(prefix))
     if not local:
         return
     src, dropped_outside = backbone_state_dict(local, 'backbone.')
-    out, leftover, report, _, adapted = _adapt(src, model.state_dict(),
-                                               dropped_outside)
-    if not adapted:
+    out, leftover, notes, _, adapted, resized = _adapt(
+        src, model, dropped_outside)
+    if not adapted and list(src) == list(local):
         return
+    _resize_tables(model, resized)
     for key in local:
         del state_dict[prefix + key]
     for part in (out, leftover):
         for key, value in part.items():
             state_dict[prefix + key] = value
-    from mmengine.logging import print_log
-    print_log(f'{type(model).__name__}: adapted the checkpoint on load '
-              f'(lesa_mm.utils.transfer):', logger='current')
-    for line in report:
-        print_log(f'  - {line}', logger='current')
+    _log_notes(f'{type(model).__name__}: adapted the checkpoint on load '
+               f'(lesa_mm.utils.transfer):', notes)
 
 
-def load_pretrained_backbone(model, checkpoint, prefix='backbone.',
-                             logger=None):
-    """Load ``checkpoint`` (a path or URL) into the backbone ``model`` with
-    :func:`transfer_state_dict` and log its report.
+@WEIGHT_INITIALIZERS.register_module(name='LESATransfer')
+class LESATransferInit(PretrainedInit):
+    """The ImageNet-to-COCO transfer of the LESA recipe as an ``init_cfg``:
+    ``init_cfg=dict(type='LESATransfer', checkpoint=...)``.
 
-    Raises:
-        FileNotFoundError: If a local checkpoint path does not exist.
+    Loads the checkpoint's backbone into a LESA backbone as
+    :func:`transfer_state_dict` adapts it, with ``position_tables=
+    'reinit'``: position tables trained for other feature sizes (the
+    ImageNet model's) start afresh at the model's sizes, as the authors'
+    detectors do. Everything else that does not fit is an error naming the
+    key. The report is logged; re-initialised tables as a WARNING that
+    names them. ``dict(type='Pretrained', ...)`` instead keeps the trained
+    tables.
+
+    Args:
+        checkpoint (str): Path or URL of the checkpoint.
+        prefix (str): Prefix of the backbone keys in the checkpoint.
+            Defaults to ``'backbone.'``.
+        map_location (str): Defaults to ``'cpu'``.
     """
-    import os.path as osp
 
-    from mmengine.logging import MMLogger, print_log
-    from mmengine.runner.checkpoint import CheckpointLoader
+    def __init__(self, checkpoint, prefix='backbone.', map_location='cpu'):
+        super().__init__(checkpoint, prefix, map_location)
 
-    if '://' not in checkpoint and not osp.isfile(checkpoint):
-        raise FileNotFoundError(
-            f'LESA backbone checkpoint {checkpoint!r} does not exist. Train '
-            f'an ImageNet model (configs/lesa/lesa-*_in1k.py), or convert the '
-            f'authors\' checkpoint with tools/model_converters/'
-            f'lesa_official_to_mm.py, then pass it with --cfg-options '
-            f'model.backbone.init_cfg.checkpoint=PATH (or '
-            f'model.backbone.init_cfg=None to start from scratch)')
-    source = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    state_dict, report = transfer_state_dict(source, model, prefix)
-    model.load_state_dict(state_dict, strict=True)
-    logger = logger or MMLogger.get_current_instance()
-    print_log(f'LESA transfer from {checkpoint}:', logger=logger)
-    for line in report:
-        print_log(f'  - {line}', logger=logger)
-    return report
+    def __call__(self, module):
+        from mmengine.runner.checkpoint import CheckpointLoader
+        if '://' not in self.checkpoint and \
+                not os.path.isfile(self.checkpoint):
+            raise FileNotFoundError(
+                f'LESA backbone checkpoint {self.checkpoint!r} does not '
+                f'exist. Train an ImageNet model (configs/lesa/'
+                f'lesa-*_in1k.py), or convert the authors\' checkpoint with '
+                f'tools/model_converters/lesa_official_to_mm.py, then pass '
+                f'it with --cfg-options model.backbone.init_cfg.checkpoint='
+                f'PATH (or model.backbone.init_cfg=None to start from '
+                f'scratch)')
+        source = CheckpointLoader.load_checkpoint(
+            self.checkpoint, map_location=self.map_location)
+        src, dropped_outside = backbone_state_dict(source, self.prefix)
+        out, _, notes, problems, _, resized = _adapt(
+            src, module, dropped_outside, position_tables='reinit')
+        if problems:
+            raise ValueError(
+                f'the checkpoint {self.checkpoint} does not fit the LESA '
+                f'backbone: ' + '; '.join(problems))
+        _resize_tables(module, resized)
+        module.load_state_dict(out, strict=True)
+        _log_notes(f'LESA transfer from {self.checkpoint}:', notes)
+        if hasattr(module, '_params_init_info'):
+            update_init_info(module, init_info=self._get_init_info())

@@ -23,7 +23,7 @@ from mmengine.utils import to_2tuple
 
 from . import key_blocks
 from .attention import (autocast_dtype, content_moments, exact_moments,
-                        one_call_attention)
+                        first_derivative_only, one_call_attention)
 
 
 def _check_feat_size(feat_size):
@@ -91,12 +91,16 @@ class RelativePosition(nn.Module):
             ``q.k``), each normalised by its own ``BNsim`` channels.
         num_outputs (int): Per-head outputs of the attention: the weighted
             values, then any weighted embeddings.
+        table_offset_dims (dict[str, int]): The offset axis of each table.
     """
 
     pe_type = None
     any_size = True
     num_terms = 1
     num_outputs = 1
+    #: The axis of each table (by parameter name) that runs over relative
+    #: offsets, whose length follows from the feature size.
+    table_offset_dims = {}
 
     def check_size(self, height: int, width: int):
         """Raise ``ValueError`` for a size the encoding cannot serve."""
@@ -144,15 +148,22 @@ class DecomposedRelPos2d(RelativePosition):
     """
 
     pe_type = 'detection_qr'
+    table_offset_dims = dict(rel_height=0, rel_width=0)
 
     def __init__(self, feat_size, head_channels: int, value_channels=None):
         super().__init__()
-        self.feat_size = _check_feat_size(feat_size)
+        ph, pw = _check_feat_size(feat_size)
         self.head_channels = head_channels
-        ph, pw = self.feat_size
         self.rel_height = nn.Parameter(torch.empty(2 * ph - 1, head_channels))
         self.rel_width = nn.Parameter(torch.empty(2 * pw - 1, head_channels))
         self.reset_parameters()
+
+    @property
+    def feat_size(self):
+        """``(Ph, Pw)``, the feature size the tables hold offsets for (a
+        checkpoint's tables, loaded, bring their own)."""
+        return ((self.rel_height.shape[0] + 1) // 2,
+                (self.rel_width.shape[0] + 1) // 2)
 
     def reset_parameters(self):
         scale = self.head_channels**-0.5
@@ -291,7 +302,7 @@ class DecomposedRelPos2d(RelativePosition):
         else:
             out = one_call_attention(q_s, k_t, v_t, row_s, col_s, height,
                                      width)
-        return [out.transpose(-1, -2)]
+        return [first_derivative_only(out.transpose(-1, -2))]
 
     def extra_repr(self):
         return f'feat_size={self.feat_size}, head_channels={self.head_channels}'
@@ -315,6 +326,7 @@ class FlattenedRelPos1d(RelativePosition):
     any_size = False
     num_terms = 2
     num_outputs = 2
+    table_offset_dims = dict(relative=1)
 
     def __init__(self, feat_size, head_channels: int, value_channels: int):
         super().__init__()
