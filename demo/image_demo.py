@@ -85,9 +85,12 @@ def run_detection(cfg, image, checkpoint, out, score_thr, device):
         sample.pred_instances.bboxes = sample.pred_instances.bboxes * scale
         if 'masks' in sample.pred_instances:
             import torch.nn.functional as F
-            masks = sample.pred_instances.masks.float()[None]
+            masks = sample.pred_instances.masks
+            # interpolate needs at least one mask; none is an empty stack
             sample.pred_instances.masks = F.interpolate(
-                masks, size=img.shape[:2], mode='nearest')[0].bool()
+                masks.float()[None], size=img.shape[:2],
+                mode='nearest')[0].bool() if len(masks) else \
+                masks.new_zeros((0, *img.shape[:2]))
     inferencer.visualizer.add_datasample(
         osp.basename(image), img, sample, draw_gt=False,
         pred_score_thr=score_thr, show=False, out_file=out)

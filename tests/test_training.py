@@ -144,6 +144,65 @@ def test_ensure_regenerates_only_when_arguments_change(tmp_path):
         ensure_synthetic_data('voc', root)
 
 
+def test_generation_never_touches_a_folder_it_did_not_make(tmp_path):
+    """A data_root pointed at a user's own data is refused, naming the
+    folder, and left as it was; an empty folder is filled; an interrupted
+    generation (the marker says incomplete) is redone."""
+    user = tmp_path / 'coco'
+    (user / 'annotations').mkdir(parents=True)
+    (user / 'annotations' / 'instances_train2017.json').write_text('{}')
+    (user / 'train2017').mkdir()
+    (user / 'train2017' / '000001.jpg').write_bytes(b'jpeg')
+    before = sorted(str(p) for p in user.rglob('*'))
+    with pytest.raises(FileExistsError, match=f"{user}.*not made by lesa_mm"):
+        ensure_synthetic_data('coco', str(user), num_train=2, num_val=1)
+    assert sorted(str(p) for p in user.rglob('*')) == before
+    assert (user / 'train2017' / '000001.jpg').read_bytes() == b'jpeg'
+    afile = tmp_path / 'a_file'
+    afile.write_text('mine')
+    with pytest.raises(FileExistsError, match='a_file'):
+        ensure_synthetic_data('folders', str(afile))
+    assert afile.read_text() == 'mine'
+
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    kwargs = dict(num_train_per_class=1, num_val_per_class=1)
+    assert ensure_synthetic_data('folders', str(empty), **kwargs)
+    marker = empty / 'LESA_SYNTHETIC.json'
+    spec = json.loads(marker.read_text())
+    assert spec['complete'] is True
+    marker.write_text(json.dumps(dict(spec, complete=False)))  # interrupted
+    (empty / 'stray.txt').write_text('half-written')
+    assert ensure_synthetic_data('folders', str(empty), **kwargs)
+    assert not (empty / 'stray.txt').exists()
+
+
+@pytest.mark.parametrize('config,scope', [
+    (DEMO_DET, 'mmdet'),
+    ('configs/demo/lesa-resnet50-slim_shapes.py', 'mmpretrain'),
+])
+def test_building_a_demo_model_or_lazy_dataset_writes_nothing(
+        tmp_path, monkeypatch, config, scope):
+    """Building a demo config's model (as init_detector, an inferencer or
+    a deployment tool does) or its dataset with lazy_init=True writes no
+    data; the first use of the data generates it."""
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, init_default_scope
+    from lesa_mm.utils import build_model_from_config
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, config))
+    build_model_from_config(cfg)
+    init_default_scope(scope)
+    dataset = cfg.test_dataloader.dataset
+    dataset.synthetic.update(
+        dict(num_train=2, num_val=2) if scope == 'mmdet' else
+        dict(num_train_per_class=1, num_val_per_class=1))
+    built = DATASETS.build(dict(dataset, lazy_init=True))
+    assert os.listdir(tmp_path) == []
+    assert len(built) > 0  # first use: generated in the config's data_root
+    assert (tmp_path / dataset.data_root / 'LESA_SYNTHETIC.json').is_file()
+
+
 @pytest.mark.parametrize('config,scope,expected', [
     (DEMO_DET, 'mmdet', 8),
     ('configs/demo/lesa-resnet50-slim_shapes.py', 'mmpretrain', 3 * 2),
@@ -164,7 +223,7 @@ def test_demo_datasets_generate_their_data(tmp_path, config, scope,
     dataset.synthetic.update(small)
     built = DATASETS.build(dataset)
     assert len(built) == expected
-    marker = tmp_path / 'data' / 'COMPLETE.json'
+    marker = tmp_path / 'data' / 'LESA_SYNTHETIC.json'
     stamp = marker.stat().st_mtime_ns
     assert len(DATASETS.build(dataset)) == expected
     assert marker.stat().st_mtime_ns == stamp  # not generated again

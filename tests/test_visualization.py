@@ -283,6 +283,24 @@ def test_image_demo_detection(det_ckpt, tmp_path):
         assert drawn.format == 'PNG' and drawn.size == (560, 400)
 
 
+def test_image_demo_detection_with_nothing_detected(det_ckpt, tmp_path):
+    """A model that detects nothing (its box classifier sure of the
+    background) on a small image: an empty result, drawn upscaled."""
+    ckpt = torch.load(det_ckpt)
+    bias = ckpt['state_dict']['roi_head.bbox_head.fc_cls.bias']
+    bias[-1] = 100.0  # mmdet's background class is the last one
+    path = str(tmp_path / 'background.pth')
+    torch.save(ckpt, path)
+    demo = load_tool('demo/image_demo.py')
+    image = write_image(tmp_path / 'img.png', 90, 120)
+    out = str(tmp_path / 'det.png')
+    result = demo.main([image, DEMO_DET, path, '--out', out])
+    assert len(result['sample'].pred_instances) == 0
+    assert result['predictions'] == []
+    with Image.open(out) as drawn:  # drawn 5x larger
+        assert drawn.size == (600, 450)
+
+
 def test_image_demo_classification(cls_ckpt, tmp_path):
     demo = load_tool('demo/image_demo.py')
     image = write_image(tmp_path / 'img.png', 64, 64)

@@ -2,7 +2,11 @@
 use (:func:`~lesa_mm.datasets.synthetic.ensure_synthetic_data`), so that
 every tool runs the demos, MMDetection's and MMPretrain's own included.
 
-In distributed runs rank 0 generates and the other ranks wait for it.
+The data is generated when the dataset first loads its data list
+(``full_init``: at construction, or on first access with
+``lazy_init=True``), never when a config is only read or a model is built
+for inference. In distributed runs rank 0 generates and the other ranks
+wait for it.
 """
 from mmengine.dist import barrier, get_rank
 
@@ -36,8 +40,12 @@ else:
         """
 
         def __init__(self, *args, synthetic, data_root, **kwargs):
-            _generate('coco', data_root, synthetic)
+            self.synthetic = synthetic
             super().__init__(*args, data_root=data_root, **kwargs)
+
+        def load_data_list(self):
+            _generate('coco', self.data_root, self.synthetic)
+            return super().load_data_list()
 
 
 try:
@@ -62,5 +70,9 @@ else:
         """
 
         def __init__(self, *args, synthetic, data_root, **kwargs):
-            _generate('folders', data_root, synthetic)
+            self.synthetic = synthetic
             super().__init__(*args, data_root=data_root, **kwargs)
+
+        def load_data_list(self):
+            _generate('folders', self.data_root, self.synthetic)
+            return super().load_data_list()

@@ -144,29 +144,56 @@ def make_shape_folders(root, num_train_per_class=200, num_val_per_class=50,
 GENERATORS = dict(coco=make_coco_shapes, folders=make_shape_folders)
 
 
+#: The file that marks a folder as written by :func:`ensure_synthetic_data`:
+#: the generator's arguments, and whether the set is complete.
+MARKER = 'LESA_SYNTHETIC.json'
+
+
 def ensure_synthetic_data(kind, root, **kwargs):
     """Generate the demo data under ``root`` unless a complete set made with
     the same arguments is already there.
+
+    Only a folder this function made itself (it holds its marker file,
+    :data:`MARKER`, written before anything else) is ever regenerated, and
+    so replaced. A folder that does not exist or is empty is filled; any
+    other folder is refused, so that a ``data_root`` pointed at a user's own
+    data never touches it.
 
     Args:
         kind (str): ``'coco'`` or ``'folders'``.
         root (str): Output folder.
         **kwargs: Arguments of the generator (sizes, counts, seed).
+
+    Returns:
+        bool: Whether the data was generated.
+
+    Raises:
+        FileExistsError: If ``root`` is a non-empty folder without the
+            marker, or not a folder.
     """
     if kind not in GENERATORS:
         raise ValueError(f'synthetic data kind must be one of '
                          f'{tuple(GENERATORS)}, got {kind!r}')
-    marker = osp.join(root, 'COMPLETE.json')
+    marker = osp.join(root, MARKER)
     spec = dict(kind=kind, **kwargs)
     if osp.isfile(marker):
         with open(marker) as f:
-            if json.load(f) == spec:
+            if json.load(f) == dict(spec, complete=True):
                 return False
-    if osp.isdir(root):
+        # ours, but incomplete or made with other arguments
         shutil.rmtree(root)
+    elif osp.exists(root) and (not osp.isdir(root) or os.listdir(root)):
+        raise FileExistsError(
+            f'the synthetic demo data would be generated in {root!r}, which '
+            f'exists and was not made by lesa_mm (no {MARKER} in it); '
+            f'nothing was changed. Point the config\'s data_root at a new '
+            f'or empty folder, or at a folder of earlier generated demo data')
+    os.makedirs(root, exist_ok=True)
+    with open(marker, 'w') as f:  # claim the folder before writing into it
+        json.dump(dict(spec, complete=False), f)
     print(f'generating synthetic {kind} data in {root} ({kwargs})',
           flush=True)
     GENERATORS[kind](root, **kwargs)
     with open(marker, 'w') as f:
-        json.dump(spec, f)
+        json.dump(dict(spec, complete=True), f)
     return True
