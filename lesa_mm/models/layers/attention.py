@@ -174,7 +174,8 @@ def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     Zero channels add nothing to a logit, so the result is exact. In eager
     mode the values are zero-padded to the same width (the fused kernels
     need equal query/key and value head sizes); a traced or exported graph
-    keeps them ``dv`` wide, which needs no comparison of symbolic sizes.
+    keeps them ``dv`` wide and pads the heads past ``dv`` at every size, so
+    that no comparison of the symbolic widths enters the graph.
     The formulation is shape-generic: one export serves every map size.
 
     Args:
@@ -204,7 +205,10 @@ def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     q_aug = torch.cat([q_s, row_s, col_s], dim=-1)
     width_aug = dq + height + width
     if key_blocks.is_graph_capture():
-        size = _aligned(width_aug)
+        # values dv wide, heads wider than dv for every map size (sym_max:
+        # no branch), so that whether the two widths are equal never
+        # becomes a guard of the captured graph
+        size = _aligned(torch.sym_max(width_aug, dv + 1))
     else:
         size = _aligned(max(width_aug, dv))
         v = F.pad(v, (0, size - dv))
