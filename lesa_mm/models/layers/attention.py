@@ -164,6 +164,15 @@ def _aligned(width):
     return (width + HEAD_ALIGN - 1) // HEAD_ALIGN * HEAD_ALIGN
 
 
+def _at_least(width, minimum):
+    """``max(width, minimum)`` for a symbolic width without a branch:
+    ``torch.sym_max`` of an exported or compiled graph's sizes, a clamp of
+    the traced tensors ``torch.jit.trace`` makes of them."""
+    if isinstance(width, torch.Tensor):
+        return width.clamp(min=minimum)
+    return torch.sym_max(width, minimum)
+
+
 def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` as one
     :func:`~torch.nn.functional.scaled_dot_product_attention` call.
@@ -205,10 +214,10 @@ def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     q_aug = torch.cat([q_s, row_s, col_s], dim=-1)
     width_aug = dq + height + width
     if key_blocks.is_graph_capture():
-        # values dv wide, heads wider than dv for every map size (sym_max:
-        # no branch), so that whether the two widths are equal never
-        # becomes a guard of the captured graph
-        size = _aligned(torch.sym_max(width_aug, dv + 1))
+        # values dv wide, heads wider than dv for every map size (no
+        # branch), so that whether the two widths are equal never becomes a
+        # guard of the captured graph
+        size = _aligned(_at_least(width_aug, dv + 1))
     else:
         size = _aligned(max(width_aug, dv))
         v = F.pad(v, (0, size - dv))
