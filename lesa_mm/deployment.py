@@ -83,8 +83,7 @@ def serves_any_size(model):
                if isinstance(m, RelativePosition))
 
 
-def export_onnx(model, path, shape, in_channels=3, dynamic=None,
-                size_divisor=1):
+def export_onnx(model, path, shape, in_channels=3, dynamic=None):
     """Export ``model`` (see :func:`exportable_module`) to ``path``.
 
     Args:
@@ -94,10 +93,9 @@ def export_onnx(model, path, shape, in_channels=3, dynamic=None,
         in_channels (int): Channels of the input. Defaults to 3.
         dynamic (bool, optional): Export dynamic height and width. Defaults
             to :func:`serves_any_size`. Asking for dynamic sizes of a model
-            that serves one size raises ``ValueError``.
-        size_divisor (int): Dynamic sizes are multiples of this (a
-            detector's ``data_preprocessor.pad_size_divisor``: its strided
-            stages need even maps). Defaults to 1.
+            that serves one size raises ``ValueError``. A dynamic graph
+            serves every height and width from 2 on (strided stages of odd
+            sides included).
 
     Returns:
         nn.Module: The exported module (eval mode), for checking.
@@ -111,21 +109,17 @@ def export_onnx(model, path, shape, in_channels=3, dynamic=None,
             "the model's 'classification' LESA position encodings serve "
             'only their trained feature size: export it with a fixed input '
             'size (dynamic=False)')
-    if dynamic and any(s % size_divisor or s < 2 * size_divisor
-                       for s in shape):
-        raise ValueError(f'the export size {tuple(shape)} must be a multiple '
-                         f'of size_divisor={size_divisor} of at least '
-                         f'{2 * size_divisor} (dynamic sizes are symbolic '
-                         'from twice the divisor on)')
+    if dynamic and min(shape) < 2:
+        raise ValueError(f'the export size {tuple(shape)} must be at least '
+                         f'2x2 (a traced size is symbolic from 2 on; 0 and 1 '
+                         f'are specialised)')
     x = torch.randn(1, in_channels, *shape)
     dynamic_shapes = None
     if dynamic:
-        # a traced size is symbolic from 2 on (0 and 1 are specialised)
-        limit = 16384 // size_divisor
         dim = torch.export.Dim
         dynamic_shapes = ({
-            2: size_divisor * dim('height', min=2, max=limit),
-            3: size_divisor * dim('width', min=2, max=limit)
+            2: dim('height', min=2, max=16384),
+            3: dim('width', min=2, max=16384)
         }, )
     with torch.no_grad():
         torch.onnx.export(module, (x, ), path, dynamo=True,

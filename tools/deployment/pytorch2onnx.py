@@ -5,8 +5,8 @@
         [--cfg-options key=value ...]
 
 Detection configs export their features (backbone and neck) with dynamic
-height and width (multiples of the config's ``pad_size_divisor``, at least
-twice it); ImageNet configs their logits at the fixed trained size
+height and width (any size from 2x2 on); ImageNet configs their logits at
+the fixed trained size
 (see ``lesa_mm/deployment.py``). The graph is then run in ONNX Runtime at the
 export size and at ``--check-shape`` (default: the export size plus 64 rows
 and minus 64 columns; not for fixed-size graphs) and compared with PyTorch;
@@ -58,10 +58,7 @@ def main(argv=None):
     else:
         model.init_weights()
     out = args.out or osp.splitext(osp.basename(args.config))[0] + '.onnx'
-    # detectors pad images to a multiple of this; their graphs take such sizes
-    divisor = cfg.model.get('data_preprocessor', {}).get('pad_size_divisor', 1)
-    module = export_onnx(model, out, tuple(args.shape),
-                         size_divisor=divisor)
+    module = export_onnx(model, out, tuple(args.shape))
     dynamic = serves_any_size(module)
     shapes = [tuple(args.shape)]
     if dynamic:
