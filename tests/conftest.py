@@ -138,6 +138,15 @@ def rel_error(actual, expected):
             expected.norm().clamp_min(1e-30)).item()
 
 
+def dense_attention(q_s, k, v, row_s, col_s, height, width):
+    """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
+    explicit ``L x L`` logits, key ``j`` at ``(j // W, j % W)``."""
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    logits = q_s @ k.transpose(-1, -2) + row_s[..., rows] + col_s[..., cols]
+    return logits.softmax(dim=-1) @ v
+
+
 def randomize_norms(model, seed=0):
     """Non-trivial weights, biases and running statistics in every
     BatchNorm of ``model`` (fresh norms are the identity in eval mode, and

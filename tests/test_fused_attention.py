@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_norms, rel_error
+from conftest import dense_attention, randomize_norms, rel_error
 from lesa_mm.models import LESA, LESAResNet
 from lesa_mm.models.layers import key_blocks
 
@@ -160,15 +160,6 @@ def test_skew_and_unskew(length, monkeypatch):
 # --------------------------------------------------------------------------
 # key-block path of CPU inference
 # --------------------------------------------------------------------------
-def dense_attention(q_s, k, v, row_s, col_s, height, width):
-    """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
-    explicit ``L x L`` logits, key ``j`` at ``(j // W, j % W)``."""
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    logits = q_s @ k.transpose(-1, -2) + row_s[..., rows] + col_s[..., cols]
-    return logits.softmax(dim=-1) @ v
-
-
 @pytest.mark.parametrize(
     'shape',
     [

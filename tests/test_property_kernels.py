@@ -21,7 +21,8 @@ import pytest
 import torch
 from hypothesis import event, strategies as st
 
-from conftest import PROFILES, check_property, randomize_norms, rel_error
+from conftest import (PROFILES, check_property, dense_attention,
+                      randomize_norms, rel_error)
 from lesa_mm.models import LESA
 from lesa_mm.models.layers import key_blocks
 
@@ -259,15 +260,6 @@ def test_bf16_autocast_close_to_float32(profile):
 # --------------------------------------------------------------------------
 # the kernels themselves, on drawn inputs and layouts
 # --------------------------------------------------------------------------
-def dense_attention(q_s, k, v, row_s, col_s, height, width):
-    """``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
-    explicit ``L x L`` logits, key ``j`` at ``(j // W, j % W)``."""
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    logits = q_s @ k.transpose(-1, -2) + row_s[..., rows] + col_s[..., cols]
-    return logits.softmax(dim=-1) @ v
-
-
 def laid_out(x, layout):
     """``x (N, g, L, c)`` as the layer hands it over (``'transposed'``: a
     view of a ``(N, g, c, L)`` tensor, whose last dimension is strided) or
