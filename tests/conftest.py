@@ -32,11 +32,19 @@ def check_property(profile, examples, check, explicit=(), **strategies):
     thorough=2000)``), with the profile's settings, after the ``explicit``
     ones (dicts of arguments: inputs that once found a defect). A failing
     example is shrunk and reported with the seed that reproduces it."""
-    test = given(**strategies)(check)
+    runs = []
+
+    def counted(**kwargs):
+        runs.append(1)
+        return check(**kwargs)
+
+    test = given(**strategies)(counted)
     for kwargs in explicit:
         test = example(**kwargs)(test)
-    return settings(settings.get_profile(profile),
-                    max_examples=examples[profile])(test)()
+    settings(settings.get_profile(profile),
+             max_examples=examples[profile])(test)()
+    # shown with `pytest -s` (or -rP): how many examples the property ran
+    print(f'property ran {len(runs)} examples ({profile} profile)')
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_DIR = os.path.join(REPO_ROOT, 'tests')

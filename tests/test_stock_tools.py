@@ -294,8 +294,26 @@ def assert_stable(records):
 @pytest.mark.parametrize('base', [slow_unless(c, FAST_DET)
                                   for c in DET_CONFIGS])
 def test_detection_from_scratch_stock_train_and_test(tmp_path, base):
-    records, _, _ = train_and_test_detector(tmp_path, base)
+    records, _, checkpoint = train_and_test_detector(tmp_path, base)
     assert_stable(records)
+    # MMDetection's tools/test.py on the same checkpoint, the model built
+    # for other feature sizes: the checkpoint's position tables are kept,
+    # so every prediction is the same
+    cfg = tmp_path / f'my_scratch_{base}'
+    options = write_det_config(cfg, base, str(tmp_path.parent / 'det_data'))
+    preds = tmp_path / 'preds_other_sizes.pkl'
+    run_ok('mmdet', 'test.py',
+           [cfg, checkpoint, '--work-dir', tmp_path / 'test_other_sizes',
+            '--out', preds, '--cfg-options', *options,
+            'model.backbone.feat_sizes=(16,8,4,2)'], tmp_path)
+    runs = []
+    for path in (tmp_path / 'preds_scratch.pkl', preds):
+        with open(path, 'rb') as f:
+            runs.append(pickle.load(f))
+    for first, other in zip(*runs):
+        for key in ('bboxes', 'scores', 'labels'):
+            assert torch.equal(torch.as_tensor(first['pred_instances'][key]),
+                               torch.as_tensor(other['pred_instances'][key]))
 
 
 _imagenet_runs = {}
