@@ -145,3 +145,24 @@ def test_other_widths_are_not_reported_as_other_sizes(tmp_path):
     with pytest.raises(RuntimeError, match=r'size mismatch for '
                        r'layer3\.1\.conv2\.binary\.position\.rel_height'):
         model.load_state_dict(state)
+
+
+def test_resizing_in_a_distributed_run_names_the_sizes_to_build(tmp_path):
+    """A DistributedDataParallel wrapper built before the load cannot train
+    a table that changed shape: in a distributed run a WARNING names the
+    checkpoint's feature sizes to build the model with."""
+    import torch.distributed as dist
+    from mmengine.logging import MMLogger
+    from torch.distributed import FileStore
+    log_file = tmp_path / 'dist.log'
+    MMLogger.get_instance('test_resize_dist', log_file=str(log_file))
+    store = FileStore(str(tmp_path / 'store'), 1)
+    dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        model = backbone((32, 16, 8, 4), 1)
+        model.load_state_dict(trained((16, 8, 4, 2), 0).state_dict())
+    finally:
+        dist.destroy_process_group()
+    log = log_file.read_text()
+    assert 'WARNING' in log and 'DistributedDataParallel' in log
+    assert 'layer3.1.conv2: 4x4' in log and 'layer4.1.conv2: 2x2' in log

@@ -289,10 +289,33 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
 def _resize_tables(model, resized):
     """Give the position tables ``resized`` (key -> shape) of ``model`` the
     checkpoint's shapes, in place: the parameters stay the same objects (an
-    optimizer built before loading keeps them)."""
+    optimizer built before loading keeps them).
+
+    A ``DistributedDataParallel`` wrapper built before the load (as
+    MMEngine's runner builds it) cannot follow a parameter that changes
+    shape: it stops at the first backward. In a distributed run a WARNING
+    says so and names the feature sizes to build the model with.
+    """
     for key, shape in resized.items():
         param = model.get_parameter(key)
         param.data = param.data.new_empty(shape)
+    if resized and torch.distributed.is_available() and \
+            torch.distributed.is_initialized():
+        from mmengine.logging import print_log
+        layers = {}
+        for key in resized:
+            layer = key.rsplit('.binary.position.', 1)[0]
+            layers[layer] = _position_module(model, key).feat_size
+        sizes = ', '.join(f'{layer}: {h}x{w}'
+                          for layer, (h, w) in layers.items())
+        print_log(
+            f'the position tables took the checkpoint\'s feature sizes '
+            f'({sizes}); a DistributedDataParallel wrapper built before '
+            f'this load cannot train parameters that changed shape. To '
+            f'fine-tune this checkpoint with several processes, build the '
+            f'model with these feature sizes (model.backbone.feat_sizes: '
+            f'the stage output sizes, a strided first LESA layer at twice '
+            f'its stage\'s)', logger='current', level=logging.WARNING)
 
 
 def _log_notes(title, notes):
