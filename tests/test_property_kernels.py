@@ -222,28 +222,44 @@ def test_fused_kernels_equal_reference(profile, monkeypatch):
 #: bf16 against float32: bf16 keeps 8 bits of mantissa (relative steps of
 #: 2^-8 = 0.4 %), and a layer rounds its input, projections, logits and
 #: outputs: outputs within 5 %, input gradients within 10 % (relative
-#: norms), as measured over the default profile's cases with margin.
-BF16_OUTPUT, BF16_GRAD = 0.05, 0.10
+#: norms), or, where the rounding costs the spec's own formulation more
+#: (small training batches, whose BatchNorm statistics bf16 rounds), no
+#: more than 1.5 times the reference kernel's error under the same autocast.
+BF16_OUTPUT, BF16_GRAD, BF16_VS_REFERENCE = 0.05, 0.10, 1.5
+
+
+def bf16_errors(layer, x, mode, y32, g32, weight, state):
+    """Relative errors of ``layer``'s bf16 autocast output and input
+    gradient against the float32 ones, from the same ``state``."""
+    layer.load_state_dict(state)
+    for p in layer.parameters():
+        p.grad = None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y16, g16, _ = step(layer, x, mode, weight)
+    assert y16.dtype == torch.bfloat16
+    assert torch.isfinite(y16).all()
+    if g16 is None:
+        return rel_error(y16, y32), None
+    assert torch.isfinite(g16).all()
+    return rel_error(y16, y32), rel_error(g16, g32)
 
 
 def check_autocast_case(case):
-    case = dict(case, mode=case['mode'] if case['mode'] != 'eval' else
-                'train')
-    fused, _ = make_layers(case, torch.float32)
+    mode = case['mode'] if case['mode'] != 'eval' else 'train'
+    fused, reference = make_layers(case, torch.float32)
     x = make_input(case, torch.float32)
-    with torch.no_grad():  # the float32 result from the same state
-        state = copy.deepcopy(fused.state_dict())
-    y32, g32, weight = step(fused, x, case['mode'])
-    fused.load_state_dict(state)
-    for p in fused.parameters():
-        p.grad = None
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        y16, g16, _ = step(fused, x, case['mode'], weight)
-    assert y16.dtype == torch.bfloat16
-    assert rel_error(y16, y32) < BF16_OUTPUT
-    if g16 is not None:
-        assert torch.isfinite(g16).all()
-        assert rel_error(g16, g32) < BF16_GRAD
+    state = copy.deepcopy(fused.state_dict())
+    y32, g32, weight = step(fused, x, mode)
+    errors = bf16_errors(fused, x, mode, y32, g32, weight, state)
+    bounds = (BF16_OUTPUT, BF16_GRAD)
+    if any(e is not None and e >= b for e, b in zip(errors, bounds)):
+        spec = bf16_errors(reference, x, mode, y32, g32, weight, state)
+        bounds = [max(b, BF16_VS_REFERENCE * e) if e is not None else b
+                  for b, e in zip(bounds, spec)]
+    for name, error, bound in zip(('output', 'input gradient'), errors,
+                                  bounds):
+        assert error is None or error < bound, \
+            f'bf16 {name} off by {error:.3f} (bound {bound:.3f})'
 
 
 @pytest.mark.parametrize('profile', PROFILES)
@@ -254,7 +270,12 @@ def test_bf16_autocast_close_to_float32(profile):
     cases = cases.filter(lambda c: c['size'][0] * c['size'][1] >= 4 and
                          c['channels'] >= 16)
     check_property(profile, dict(default=15, thorough=1000),
-                   check_autocast_case, case=cases)
+                   check_autocast_case, case=cases,
+                   # a one-image training batch of 31 positions: bf16 costs
+                   # the reference kernel's input gradient 11.5 %
+                   explicit=[dict(case=issue_case(
+                       48, 2, (1, 31), 'train', cin=4, feat=(17, 1),
+                       layout='strided', seed=17))])
 
 
 # --------------------------------------------------------------------------
