@@ -122,14 +122,18 @@ class LESAResNet(BaseModule):
     output for output. :class:`LESAResNeXt` adds grouped bottlenecks.
 
     A checkpoint loaded into the backbone by any route (``load_state_dict``,
-    ``init_cfg=dict(type='Pretrained', ...)``, a runner's ``load_from``) is
-    adapted on the way in (:func:`lesa_mm.utils.transfer.adapt_on_load`,
-    ``docs/lesa.md`` section 9): position tables trained for another feature
-    size are re-initialised, a ``'classification'`` ImageNet checkpoint is
-    adapted to ``'detection_qr'``, a whole classifier's or detector's
-    checkpoint gives its ``backbone.`` part, missing deformable-conv offsets
-    start at zero; the log reports what was adapted. Anything else that
-    does not fit is left to ``load_state_dict`` to report.
+    ``init_cfg=dict(type='Pretrained', ...)``, a runner's ``load_from`` or
+    ``resume``) is adapted on the way in
+    (:func:`lesa_mm.utils.transfer.adapt_on_load`, ``docs/lesa.md`` section
+    9): ``'detection_qr'`` tables trained for another feature size are kept
+    (the layers take their shape), a ``'classification'`` ImageNet
+    checkpoint is adapted to ``'detection_qr'``, a whole classifier's or
+    detector's checkpoint gives its ``backbone.`` part, missing
+    deformable-conv offsets start at zero; the log reports what was adapted,
+    a re-initialised trained tensor as a WARNING. Anything else that does
+    not fit is left to ``load_state_dict`` to report. The LESA recipe's
+    ImageNet-to-COCO transfer, which starts the tables afresh, is
+    ``init_cfg=dict(type='LESATransfer', ...)``.
 
     Args:
         depth (int): 50, 101 or 152.
