@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 from lesa_mm.datasets import ensure_synthetic_data, make_coco_shapes
@@ -70,6 +71,23 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     # (the learning rates of a run without a break)
     assert train_lrs(work, runs='latest') == {3: reference[3],
                                               4: reference[4]}
+    # resumed with the model built for other feature sizes: the trained
+    # position tables are kept (the checkpoint's shapes, two more steps of
+    # training away from the checkpoint's values), the schedule goes on
+    other = str(tmp_path / 'other_sizes')
+    checkpoint = os.path.join(work, 'iter_2.pth')
+    run([sys.executable, 'tools/train.py', DEMO_DET, '--work-dir', other,
+         '--resume', checkpoint, '--cfg-options'] + tiny_det_options(data) +
+        ['model.backbone.feat_sizes=(64,32,16,8)'])
+    assert train_lrs(other, runs='latest') == {3: reference[3],
+                                               4: reference[4]}
+    before = torch.load(checkpoint)['state_dict']
+    after = torch.load(os.path.join(other, 'iter_4.pth'))['state_dict']
+    tables = [k for k in before if '.binary.position.' in k]
+    assert tables
+    for key in tables:
+        assert after[key].shape == before[key].shape, key
+        assert (after[key] - before[key]).norm() < 0.1 * before[key].norm()
 
 
 def test_two_process_cpu_training(tmp_path):
