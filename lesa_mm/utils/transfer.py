@@ -93,12 +93,12 @@ def _position_module(model, key):
     return model.get_submodule(key.rsplit('.', 1)[0])
 
 
-def _other_size(model, key, src_shape, shape):
-    """Whether a checkpoint table of ``src_shape`` is the model's table
-    ``key`` (of ``shape``) for another feature size: the same channels, only
-    its offset axis (the encoding's ``table_offset_dims``) of another
-    length."""
-    dim = _position_module(model, key).table_offset_dims[key.rsplit('.')[-1]]
+def _other_size(position, key, src_shape, shape):
+    """Whether a checkpoint table of ``src_shape`` is the table ``key`` (of
+    ``shape``) of the encoding ``position`` for another feature size: the
+    same channels, only its offset axis (the encoding's
+    ``table_offset_dims``) of another length."""
+    dim = position.table_offset_dims[key.rsplit('.')[-1]]
     src_shape, shape = list(src_shape), list(shape)
     del src_shape[dim], shape[dim]
     return src_shape == shape
@@ -132,11 +132,12 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
             out[key] = src[key]
             used.add(key)
             continue
-        if lesa and lesa.group(2) == 'position' and key in src and \
-                _other_size(model, key, src[key].shape, value.shape):
+        position = _position_module(model, key) \
+            if lesa and lesa.group(2) == 'position' else None
+        if position is not None and key in src and \
+                _other_size(position, key, src[key].shape, value.shape):
             used.add(key)
-            if _position_module(model, key).any_size and \
-                    position_tables == 'keep':
+            if position.any_size and position_tables == 'keep':
                 # the model takes the trained table as it is: an any-size
                 # encoding reads it at every input size as the checkpoint's
                 # model did
@@ -145,10 +146,10 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
                                     tuple(value.shape))
             else:
                 out[key] = value
-                (recipe_tables if _position_module(model, key).any_size
+                (recipe_tables if position.any_size
                  else fixed_size_tables).append(key)
             continue
-        if lesa and lesa.group(2) == 'position' and key not in src and \
+        if position is not None and key not in src and \
                 _lesa_layer_in(key, src):
             # the checkpoint's layer has tables of another encoding
             # (classification 'relative' for a detection_qr model)
@@ -358,15 +359,22 @@ def transfer_state_dict(source, model, prefix='backbone.',
         ValueError: Naming every key that is missing, unexpected or
             mis-shaped for a reason the transfer does not cover.
     """
+    out, notes = _transfer(source, model, prefix, position_tables)
+    return out, [line for _, line in notes]
+
+
+def _transfer(source, model, prefix, position_tables,
+              name='the checkpoint'):
+    """:func:`transfer_state_dict`, its report as ``(log level, line)``
+    pairs; ``name`` names the source in the error."""
     src, dropped_outside = backbone_state_dict(source, prefix)
     out, _, notes, problems, _, resized = _adapt(
         src, model, dropped_outside, position_tables)
     if problems:
-        raise ValueError(
-            'the checkpoint does not fit the LESA backbone: ' +
-            '; '.join(problems))
+        raise ValueError(f'{name} does not fit the LESA backbone: ' +
+                         '; '.join(problems))
     _resize_tables(model, resized)
-    return out, [line for _, line in notes]
+    return out, notes
 
 
 def adapt_on_load(model, state_dict, prefix=''):
@@ -441,14 +449,8 @@ class LESATransferInit(PretrainedInit):
                 f'scratch)')
         source = CheckpointLoader.load_checkpoint(
             self.checkpoint, map_location=self.map_location)
-        src, dropped_outside = backbone_state_dict(source, self.prefix)
-        out, _, notes, problems, _, resized = _adapt(
-            src, module, dropped_outside, position_tables='reinit')
-        if problems:
-            raise ValueError(
-                f'the checkpoint {self.checkpoint} does not fit the LESA '
-                f'backbone: ' + '; '.join(problems))
-        _resize_tables(module, resized)
+        out, notes = _transfer(source, module, self.prefix, 'reinit',
+                               name=f'the checkpoint {self.checkpoint}')
         module.load_state_dict(out, strict=True)
         _log_notes(f'LESA transfer from {self.checkpoint}:', notes)
         if hasattr(module, '_params_init_info'):
