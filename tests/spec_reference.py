@@ -35,8 +35,12 @@ def batch_norm(x, sd, prefix, training, new_stats):
     return x * sd[prefix + 'weight'].view(shape) + sd[prefix + 'bias'].view(shape)
 
 
-def reference_state_dict(cin, c, groups, pe_type, feat, dcn=False, seed=0):
-    """Random weights and BN statistics in the authors' layout."""
+def reference_state_dict(cin, c, groups, pe_type, feat, dcn=False, seed=0,
+                         df_channel_shrink=(2, ), df_kernel_size=(1, 1),
+                         df_group=(1, 1), unary=True):
+    """Random weights and BN statistics in the authors' layout; the fusion
+    as the authors' ``df_*`` lists give it. ``unary=False``: the binary term
+    alone (no unary, no fusion keys)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -64,6 +68,8 @@ def reference_state_dict(cin, c, groups, pe_type, feat, dcn=False, seed=0):
         bn('bn_output.', c)
         sd['rel_height'] = rnd(2 * feat - 1, dq, scale=dq**-0.5)
         sd['rel_width'] = rnd(2 * feat - 1, dq, scale=dq**-0.5)
+    if not unary:
+        return sd
     sd['x_transform.0.weight'] = rnd(c, cin // groups, 3, 3, scale=0.3)
     if dcn:
         sd['x_transform.0.conv_offset.weight'] = rnd(18, cin, 3, 3, scale=0.05)
@@ -71,9 +77,17 @@ def reference_state_dict(cin, c, groups, pe_type, feat, dcn=False, seed=0):
     if groups != 1:
         sd['x_transform.1.weight'] = rnd(c, c, 1, 1, scale=c**-0.5)
     bn('bn_x.', c)
-    sd['reasoning.1.weight'] = rnd(c, 2 * c, 1, 1, scale=(2 * c)**-0.5)
-    bn('reasoning.2.', c)
-    sd['projection.0.weight'] = rnd(c, c, 1, 1, scale=c**-0.5)
+    channels = 2 * c
+    for i, shrink in enumerate(df_channel_shrink):
+        out, k, g = int(channels / shrink), df_kernel_size[i], df_group[i]
+        fan_in = channels // g * k * k
+        sd[f'reasoning.{1 + 3 * i}.weight'] = rnd(
+            out, channels // g, k, k, scale=fan_in**-0.5)
+        bn(f'reasoning.{2 + 3 * i}.', out)
+        channels = out
+    k, g = df_kernel_size[-1], df_group[-1]
+    sd['projection.0.weight'] = rnd(c, channels // g, k, k,
+                                    scale=(channels // g * k * k)**-0.5)
     bn('projection.1.', c)
     return sd
 
@@ -146,17 +160,39 @@ def _binary(x, sd, groups, pe_type, feat, training, stats):
     return b.reshape(n, c, h, w)
 
 
-def spec_lesa(x, sd, groups, pe_type, feat, stride=1, training=False):
-    """LESA forward per the spec. Returns ``(y, updated_running_stats)``."""
+def spec_lesa(x, sd, groups, pe_type, feat, stride=1, training=False,
+              fusion='gate'):
+    """LESA forward per the spec. Returns ``(y, updated_running_stats)``.
+
+    The fusion's depth, kernels and groups are read from the weights'
+    shapes (the authors' ``df_*`` lists); ``fusion='sum'`` gives ``u + b``.
+    Weights without unary keys give the binary term alone.
+    """
     stats = {}
+    if 'bn_x.weight' not in sd:
+        y = _binary(x, sd, groups, pe_type, feat, training, stats)
+        if stride > 1:
+            y = F.avg_pool2d(y, stride, stride)
+        return y, stats
     u = _unary(x, sd, groups, training, stats)
     b = _binary(x, sd, groups, pe_type, feat, training, stats)
-    z = F.relu(torch.cat([u, b], 1))
-    z = F.conv2d(z, sd['reasoning.1.weight'])
-    z = F.relu(batch_norm(z, sd, 'reasoning.2.', training, stats))
-    gate = F.conv2d(z, sd['projection.0.weight'])
-    gate = torch.sigmoid(batch_norm(gate, sd, 'projection.1.', training, stats))
-    y = u + gate * b
+    if fusion == 'sum':
+        y = u + b
+    else:
+        z = F.relu(torch.cat([u, b], 1))
+        i = 1
+        while f'reasoning.{i}.weight' in sd:
+            weight = sd[f'reasoning.{i}.weight']
+            z = F.conv2d(z, weight, padding=(weight.shape[-1] - 1) // 2,
+                         groups=z.shape[1] // weight.shape[1])
+            z = F.relu(batch_norm(z, sd, f'reasoning.{i + 1}.', training,
+                                  stats))
+            i += 3
+        weight = sd['projection.0.weight']  # unpadded, as the authors'
+        gate = F.conv2d(z, weight, groups=z.shape[1] // weight.shape[1])
+        gate = torch.sigmoid(batch_norm(gate, sd, 'projection.1.', training,
+                                        stats))
+        y = u + gate * b
     if stride > 1:
         y = F.avg_pool2d(y, stride, stride)
     return y, stats

@@ -8,6 +8,7 @@ import torch
 from lesa_mm.models.layers import LogitBatchNorm
 from lesa_mm.models import LESA
 from lesa_mm.utils import convert
+from lesa_mm.utils.official_checkpoint import reference_fusion_cfg
 from spec_reference import reference_state_dict, spec_lesa
 
 CASES = [
@@ -52,6 +53,15 @@ def test_matches_spec_outputs_gradients_and_stats(case, training, attn_impl):
     torch.manual_seed(1)
     sd, layer = build_pair(cin, c, groups, pe_type, feat, stride,
                            attn_impl=attn_impl)
+    check_against_spec(layer, sd, size, groups, pe_type, feat, stride,
+                       training)
+
+
+def check_against_spec(layer, sd, size, groups, pe_type, feat, stride,
+                       training, fusion='gate'):
+    """``layer`` (holding the converted ``sd``) equals the spec in float64:
+    output, input and parameter gradients, running statistics."""
+    cin, c = layer.in_channels, layer.out_channels
     layer.train(training)
     x = torch.randn(2, cin, *size, dtype=torch.float64)
     layer.double()
@@ -60,7 +70,7 @@ def test_matches_spec_outputs_gradients_and_stats(case, training, attn_impl):
 
     x_ref = x.clone().requires_grad_(True)
     y_ref, stats = spec_lesa(x_ref, sd64, groups, pe_type, feat, stride,
-                             training=training)
+                             training=training, fusion=fusion)
     x_mm = x.clone().requires_grad_(True)
     y_mm = layer(x_mm)
     assert y_mm.shape == (2, c, size[0] // stride, size[1] // stride)
@@ -88,6 +98,126 @@ def test_matches_spec_outputs_gradients_and_stats(case, training, attn_impl):
         for name, value in convert(
                 {k: v for k, v in sd64.items() if 'running_' in k}).items():
             assert_close(buffers[name], value, what=name)
+
+
+#: the authors' fusion options (df_channel_shrink, df_kernel_size, df_group)
+#: other than the published ([2], [1, 1], [1, 1])
+FUSION_CASES = {
+    # two reasoning steps, a 3x3 first, the second grouped
+    'deeper-3x3-grouped': ((2, 2), (3, 1, 1), (1, 4, 1)),
+    # a wide 5x5 step, grouped, and a grouped projection
+    'wide-5x5-grouped-gate': ((1, ), (5, 1), (8, 4)),
+    # no reasoning step: the projection reads [u, b]
+    'projection-only': ((), (1, ), (2, )),
+}
+
+
+@pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('pe_type,feat,size,stride', [
+    ('detection_qr', 6, (5, 4), 1), ('classification', 4, (4, 4), 2)])
+@pytest.mark.parametrize('options', FUSION_CASES.values(), ids=FUSION_CASES)
+def test_configurable_fusion_matches_spec(options, pe_type, feat, size,
+                                          stride, training):
+    """A fusion of the authors' other options, built from the config that
+    the converter reads off their weights, computes what they compute."""
+    shrink, kernel, group = options
+    torch.manual_seed(2)
+    sd = reference_state_dict(16, 32, 4, pe_type, feat,
+                              df_channel_shrink=shrink, df_kernel_size=kernel,
+                              df_group=group)
+    fusion = reference_fusion_cfg(sd)
+    assert fusion == dict(type='DynamicGate', shrinks=shrink,
+                          kernel_sizes=kernel[:-1], groups=group[:-1],
+                          gate_groups=group[-1])
+    layer = LESA(16, 32, feat, groups=4, stride=stride, pe_type=pe_type,
+                 fusion=fusion)
+    layer.load_state_dict(convert(sd), strict=True)
+    check_against_spec(layer, sd, size, 4, pe_type, feat, stride, training)
+
+
+@pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
+@pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('pe_type,feat,size,stride', [
+    ('detection_qr', 6, (6, 4), 2), ('classification', 5, (5, 5), 1)])
+def test_self_attention_baseline_is_the_binary_term(pe_type, feat, size,
+                                                    stride, training,
+                                                    attn_impl):
+    """``with_unary=False`` is the spec's binary term alone (pooled)."""
+    torch.manual_seed(3)
+    sd = reference_state_dict(16, 32, 4, pe_type, feat, unary=False)
+    layer = LESA(16, 32, feat, groups=4, stride=stride, pe_type=pe_type,
+                 with_unary=False, fusion=None, attn_impl=attn_impl)
+    assert {n for n, _ in layer.named_children()} == (
+        {'binary', 'pool'} if stride > 1 else {'binary'})
+    layer.load_state_dict(convert(sd), strict=True)
+    check_against_spec(layer, sd, size, 4, pe_type, feat, stride, training)
+
+
+@pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
+def test_sum_fusion_is_u_plus_b(training):
+    torch.manual_seed(4)
+    sd = reference_state_dict(16, 32, 4, 'detection_qr', 5)
+    sd = {k: v for k, v in sd.items()
+          if not k.startswith(('reasoning.', 'projection.'))}
+    layer = LESA(16, 32, 5, groups=4, fusion=dict(type='Sum'))
+    assert not list(layer.fusion.parameters())
+    layer.load_state_dict(convert(sd), strict=True)
+    check_against_spec(layer, sd, (5, 5), 4, 'detection_qr', 5, 1, training,
+                       fusion='sum')
+
+
+def test_default_fusion_keeps_the_published_keys():
+    """The default fusion is the published one, key for key."""
+    keys = [k for k in LESA(16, 32, 4, groups=4).state_dict()
+            if k.startswith('fusion.')]
+    assert keys == [f'fusion.{m}.{p}' for m in ('reason_conv', 'reason_norm',
+                                                'gate_conv', 'gate_norm')
+                    for p in (('weight', ) if 'conv' in m else (
+                        'weight', 'bias', 'running_mean', 'running_var',
+                        'num_batches_tracked'))]
+    default = LESA(16, 32, 4, groups=4).fusion
+    explicit = LESA(16, 32, 4, groups=4, fusion=dict(
+        type='DynamicGate', shrinks=[2], kernel_sizes=[1], groups=[1],
+        gate_kernel_size=1, gate_groups=1)).fusion
+    assert str(default) == str(explicit)
+
+
+@pytest.mark.parametrize('fusion,match', [
+    (dict(type='DynamicGate', shrinks=(3, ), kernel_sizes=(1, ),
+          groups=(1, )), r'divides 64 channels by 3'),
+    (dict(type='DynamicGate', shrinks=(0, ), kernel_sizes=(1, ),
+          groups=(1, )), r'positive number, got 0'),
+    (dict(type='DynamicGate', kernel_sizes=(2, )), r'kernel_sizes\[0\] must '
+     r'be odd.*got 2'),
+    (dict(type='DynamicGate', groups=(3, )), r'groups\[0\]=3 must divide.*'
+     r'64 and 32'),
+    (dict(type='DynamicGate', gate_groups=3), r'gate_groups=3 must divide'),
+    (dict(type='DynamicGate', gate_kernel_size=3), r'gate_kernel_size must '
+     r'be 1.*unpadded'),
+    (dict(type='DynamicGate', shrinks=(2, 2)), r'one shrinks, kernel_sizes '
+     r'and groups entry per reasoning step'),
+    (dict(type='DynamicGate', shrinks=2), r'shrinks must be a list or tuple'),
+    (dict(type='Gate'), r"one of \('DynamicGate', 'Sum'\)"),
+    (dict(type='Sum', shrinks=(2, )), r"'Sum' has no option\(s\) "
+     r"\['shrinks'\]"),
+    (None, r'with_unary=True needs a fusion config'),
+])
+def test_bad_fusions_are_named(fusion, match):
+    with pytest.raises(ValueError, match=match):
+        LESA(32, 32, 4, groups=4, fusion=fusion)
+
+
+def test_self_attention_baseline_refuses_a_fusion():
+    with pytest.raises(ValueError, match=r'with_unary=False needs '
+                       r'fusion=None'):
+        LESA(32, 32, 4, groups=4, with_unary=False)
+
+
+def test_reference_projection_kernel_above_one_is_refused():
+    sd = reference_state_dict(16, 32, 4, 'detection_qr', 4,
+                              df_kernel_size=(1, 3))
+    with pytest.raises(ValueError, match=r'3x3 kernel; only 1x1 runs'):
+        reference_fusion_cfg(sd)
 
 
 @pytest.mark.parametrize('pe_type,feat', [('detection_qr', 5),

@@ -1,7 +1,8 @@
 from .backbones import LESAResNet, LESAResNeXt
-from .layers import LESA, LESABinary, LESAFusion, LESAUnary
+from .layers import (DynamicGateFusion, LESA, LESABinary, LESAUnary,
+                     SumFusion)
 
 __all__ = [
-    'LESA', 'LESAUnary', 'LESABinary', 'LESAFusion', 'LESAResNet',
-    'LESAResNeXt'
+    'LESA', 'LESAUnary', 'LESABinary', 'DynamicGateFusion', 'SumFusion',
+    'LESAResNet', 'LESAResNeXt'
 ]

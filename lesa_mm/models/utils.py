@@ -1,10 +1,12 @@
-"""Argument checks shared by the LESA layer and the LESA backbones.
+"""Argument checks and initialisation shared by the LESA layers and the LESA
+backbones.
 
-Each raises a ``ValueError`` that names the argument, the value it got and
+Each check raises a ``ValueError`` that names the argument, the value it got and
 what is allowed, at build time, where the value is first known.
 """
 import numbers
 
+from mmengine.model.weight_init import constant_init, kaiming_init
 from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -64,3 +66,18 @@ def channel_norm(owner, norm_cfg, norm):
             f"(N, C, H, W) maps ('BN', 'SyncBN', 'GN', 'IN'), got "
             f'{norm_cfg!r} ({type(norm).__name__})')
     return norm
+
+
+def init_convs_and_norms(module, skip=()):
+    """Kaiming-normal (fan_out, relu) convolutions and unit/zero norms in
+    ``module``, as a ResNet initialises them (``docs/lesa.md`` section 5),
+    leaving the submodules in ``skip`` (and theirs) as they are."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    for m in module.modules():
+        if id(m) in skipped:
+            continue
+        if isinstance(m, nn.Conv2d):
+            kaiming_init(m, mode='fan_out', nonlinearity='relu',
+                         distribution='normal')
+        elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+            constant_init(m, 1, bias=0)

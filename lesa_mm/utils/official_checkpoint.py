@@ -28,8 +28,6 @@ LESA_KEY_MAP = (
     (r'x_transform\.0\.conv_offset\.(weight|bias)', r'unary.conv.conv_offset.\1'),
     (r'x_transform\.1\.weight', 'unary.pointwise.weight'),
     (rf'bn_x\.{_BN}', r'unary.norm.\1'),
-    (r'reasoning\.1\.weight', 'fusion.reason_conv.weight'),
-    (rf'reasoning\.2\.{_BN}', r'fusion.reason_norm.\1'),
     (r'projection\.0\.weight', 'fusion.gate_conv.weight'),
     (rf'projection\.1\.{_BN}', r'fusion.gate_norm.\1'),
 )
@@ -59,15 +57,66 @@ def extract_state_dict(checkpoint):
     return out
 
 
+#: the reference fusion's ``reasoning`` sequence, ``[ReLU, (Conv, BN, ReLU)
+#: x n]``: index ``1 + 3 i`` is step ``i``'s conv, ``2 + 3 i`` its BN.
+_REASONING_KEY = re.compile(rf'reasoning\.(\d+)\.(weight|{_BN[1:-1]})')
+
+
+def _reasoning_key(key):
+    match = _REASONING_KEY.fullmatch(key)
+    if match is None:
+        return None
+    step, part = divmod(int(match.group(1)) - 1, 3)
+    suffix = '' if step == 0 else str(step + 1)  # DynamicGateFusion's names
+    if step >= 0 and part == 0 and match.group(2) == 'weight':
+        return f'fusion.reason_conv{suffix}.weight'
+    if step >= 0 and part == 1:
+        return f'fusion.reason_norm{suffix}.{match.group(2)}'
+    return None
+
+
 def convert_lesa_key(key):
     """lesa_mm name of a key under a reference LESA layer, '' for a derived
-    buffer to drop, None if the key is not a LESA key."""
+    buffer to drop, None if the key is not a LESA key. The fusion keys of any
+    depth (the authors' ``df_channel_shrink``) map to
+    :class:`~lesa_mm.models.layers.fusion.DynamicGateFusion`'s names."""
     if key in LESA_DERIVED_KEYS:
         return ''
+    reasoning = _reasoning_key(key)
+    if reasoning is not None:
+        return reasoning
     for pattern, repl in LESA_KEY_MAP:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, repl, key)
     return None
+
+
+def reference_fusion_cfg(layer_state_dict):
+    """The ``fusion`` config of :class:`~lesa_mm.models.LESA` that holds the
+    fusion of one reference LESA layer, read from its keys and shapes
+    (without the layer's prefix): ``dict(type='DynamicGate', shrinks=...,
+    kernel_sizes=..., groups=..., gate_groups=...)``, the authors'
+    ``df_channel_shrink``, ``df_kernel_size`` and ``df_group``."""
+    projection = layer_state_dict['projection.0.weight']
+    if projection.shape[-1] != 1:
+        raise ValueError(
+            f'the reference projection conv has a {projection.shape[-1]}x'
+            f'{projection.shape[-1]} kernel; only 1x1 runs (its conv is '
+            f'unpadded), see docs/lesa.md section 3')
+    channels = 2 * projection.shape[0]
+    shrinks, kernel_sizes, groups = [], [], []
+    index = 1
+    while f'reasoning.{index}.weight' in layer_state_dict:
+        weight = layer_state_dict[f'reasoning.{index}.weight']
+        shrink = channels / weight.shape[0]
+        shrinks.append(int(shrink) if shrink == int(shrink) else shrink)
+        kernel_sizes.append(weight.shape[-1])
+        groups.append(channels // weight.shape[1])
+        channels = weight.shape[0]
+        index += 3
+    return dict(type='DynamicGate', shrinks=tuple(shrinks),
+                kernel_sizes=tuple(kernel_sizes), groups=tuple(groups),
+                gate_groups=channels // projection.shape[1])
 
 
 def _convert_lesa_value(new_key, value):

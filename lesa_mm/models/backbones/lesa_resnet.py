@@ -15,13 +15,14 @@ from collections.abc import Sequence
 import torch.nn as nn
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import constant_init, kaiming_init
+from mmengine.model.weight_init import constant_init
 from mmengine.utils import to_2tuple
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import ROOT_MODELS as MODELS
 from lesa_mm.registry import register_backbone
-from ..utils import boolean, positive_int, registered_layer_cfg
+from ..utils import (boolean, init_convs_and_norms, positive_int,
+                     registered_layer_cfg)
 
 
 class LESABottleneck(BaseModule):
@@ -404,15 +405,7 @@ class LESAResNet(BaseModule):
 
     def _init_from_spec(self):
         attention = self._attention_layers()
-        inside = {id(m) for layer in attention for m in layer.modules()}
-        for m in self.modules():
-            if id(m) in inside:
-                continue
-            if isinstance(m, nn.Conv2d):
-                kaiming_init(m, mode='fan_out', nonlinearity='relu',
-                             distribution='normal')
-            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-                constant_init(m, 1, bias=0)
+        init_convs_and_norms(self, skip=attention)
         for m in self.modules():
             if not isinstance(m, LESABottleneck):
                 continue

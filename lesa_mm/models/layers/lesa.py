@@ -7,7 +7,11 @@
 * ``b = LESABinary(x)``: the context term, global multi-head self-attention
   with relative positions and BatchNorms over the qkv projection, the logits
   and the outputs;
-* ``LESAFusion``: the dynamic gate computed from ``[u, b]``.
+* the fusion (``fusion.py``): by default the dynamic gate computed from
+  ``[u, b]``.
+
+Without the unary term (``with_unary=False``) the layer is the plain
+relative-position self-attention that LESA starts from: ``pool(b)``.
 
 ``docs/lesa.md`` (sections 1-5) states the computation; this file follows
 it term by term.
@@ -23,13 +27,14 @@ import torch.utils.checkpoint as cp
 import mmcv.ops  # noqa: F401
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import constant_init, kaiming_init
+from mmengine.model.weight_init import constant_init
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import ROOT_MODELS
-from ..utils import (boolean, channel_norm, positive_int,
-                     registered_layer_cfg)
+from ..utils import (boolean, channel_norm, init_convs_and_norms,
+                     positive_int, registered_layer_cfg)
 from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS, under_functorch
+from .fusion import build_fusion
 from .logit_norm import LogitBatchNorm
 from .position import POSITION_ENCODINGS
 
@@ -195,46 +200,6 @@ class LESABinary(nn.Module):
         return normed.view(n, -1, len(outs), h, w).sum(dim=2)
 
 
-class LESAFusion(nn.Module):
-    """Dynamic gate: ``y = u + sigmoid(BN(Conv(z))) * b``.
-
-    ``z = ReLU(BN(Conv1x1(ReLU([u, b]))))`` is the "reasoning" step
-    (``2C -> C``); the "projection" step maps it to a per-pixel,
-    per-channel gate.
-
-    Args:
-        channels (int): Channels ``C`` of ``u`` and ``b``.
-        norm_cfg (dict): Config of the BatchNorms.
-    """
-
-    def __init__(self, channels, norm_cfg=dict(type='BN')):
-        super().__init__()
-        self.reason_conv = nn.Conv2d(2 * channels, channels, 1, bias=False)
-        self.reason_norm = build_norm_layer(norm_cfg, channels)[1]
-        self.gate_conv = nn.Conv2d(channels, channels, 1, bias=False)
-        self.gate_norm = build_norm_layer(norm_cfg, channels)[1]
-        init_convs_and_norms(self)
-
-    def gate(self, u, b):
-        z = torch.relu(torch.cat([u, b], dim=1))
-        z = torch.relu(self.reason_norm(self.reason_conv(z)))
-        return torch.sigmoid(self.gate_norm(self.gate_conv(z)))
-
-    def forward(self, u, b):
-        return u + self.gate(u, b) * b
-
-
-def init_convs_and_norms(module):
-    """Kaiming-normal (fan_out, relu) convolutions and unit/zero norms in
-    ``module``, as a ResNet initialises them (``docs/lesa.md`` section 5)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            kaiming_init(m, mode='fan_out', nonlinearity='relu',
-                         distribution='normal')
-        elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-            constant_init(m, 1, bias=0)
-
-
 @contextlib.contextmanager
 def _restored_running_stats(module):
     """Undo the running-statistic updates made inside the block (used while
@@ -282,6 +247,16 @@ class LESA(BaseModule):
             convolution. Defaults to None.
         with_cp (bool): Gradient-checkpoint the unary and binary terms.
             Defaults to False.
+        fusion (dict, optional): The fusion of the two terms,
+            ``dict(type=name, **options)`` with a name of
+            :data:`~lesa_mm.models.layers.fusion.FUSIONS`: ``'DynamicGate'``
+            (LESA's gate; its options give deeper, wider-kernel or grouped
+            gates) or ``'Sum'`` (``u + b``). None only with
+            ``with_unary=False``. Defaults to ``dict(type='DynamicGate')``.
+        with_unary (bool): Build the unary term. False gives the
+            self-attention baseline, the binary term alone (its attention
+            includes each position itself); it then takes
+            ``fusion=None`` and has no use for ``dcn``. Defaults to True.
         norm_cfg (dict): Config of every internal norm.
             Defaults to ``dict(type='BN')``.
         attn_impl (str): Kernel of the binary term: ``'fused'`` (no
@@ -304,6 +279,8 @@ class LESA(BaseModule):
                  with_cp=False,
                  norm_cfg=dict(type='BN'),
                  attn_impl='fused',
+                 fusion=dict(type='DynamicGate'),
+                 with_unary=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         in_channels = positive_int('LESA', 'in_channels', in_channels)
@@ -311,6 +288,13 @@ class LESA(BaseModule):
         groups = positive_int('LESA', 'groups', groups)
         stride = positive_int('LESA', 'stride', stride)
         with_cp = boolean('LESA', 'with_cp', with_cp)
+        with_unary = boolean('LESA', 'with_unary', with_unary)
+        if with_unary == (fusion is None):
+            raise ValueError(
+                f'LESA with_unary={with_unary} needs '
+                f"{'a fusion config' if with_unary else 'fusion=None'} (the "
+                f'self-attention baseline, with_unary=False, has no unary '
+                f'term to fuse), got fusion={fusion!r}')
         if pe_type not in PE_TYPES:
             raise ValueError(f'LESA pe_type must be one of {PE_TYPES}, got '
                              f'{pe_type!r}')
@@ -335,11 +319,17 @@ class LESA(BaseModule):
         self.stride = stride
         self.with_cp = with_cp
 
-        self.unary = LESAUnary(in_channels, out_channels, groups, dcn, norm_cfg)
-        channel_norm('LESA', norm_cfg, self.unary.norm)
+        channel_norm('LESA', norm_cfg,
+                     build_norm_layer(norm_cfg, out_channels)[1])
+        self.unary = None
+        if with_unary:
+            self.unary = LESAUnary(in_channels, out_channels, groups, dcn,
+                                   norm_cfg)
         self.binary = LESABinary(in_channels, out_channels, groups, feat_size,
                                  pe_type, norm_cfg, attn_impl)
-        self.fusion = LESAFusion(out_channels, norm_cfg)
+        self.fusion = None
+        if with_unary:
+            self.fusion = build_fusion(fusion, out_channels, norm_cfg)
         # ceil_mode: an odd side keeps its last row/column (averaged over
         # what the window covers), so the output has the size of the
         # block's strided projection, (H + 1) // 2 at stride 2, as
@@ -386,9 +376,9 @@ class LESA(BaseModule):
 
     def forward(self, x):
         self._check_input(x)
-        u = self._term(self.unary, x)
+        u = None if self.unary is None else self._term(self.unary, x)
         b = self._term(self.binary, x)
-        y = self.fusion(u, b)
+        y = b if u is None else self.fusion(u, b)
         if self.pool is not None:
             y = self.pool(y)
         return y
@@ -397,4 +387,5 @@ class LESA(BaseModule):
         return (f'in_channels={self.in_channels}, out_channels='
                 f'{self.out_channels}, groups={self.groups}, stride='
                 f'{self.stride}, pe_type={self.pe_type!r}, attn_impl='
-                f'{self.binary.attn_impl!r}, with_cp={self.with_cp}')
+                f'{self.binary.attn_impl!r}, with_cp={self.with_cp}, '
+                f'with_unary={self.unary is not None}')
