@@ -146,6 +146,7 @@ def test_one_call_heads_are_aligned_to_eight(monkeypatch):
 # ------------------------------------------------------------ backbones
 DETECTION_CONFIGS = [
     'configs/lesa/mask-rcnn_lesa-r50.py',
+    'configs/baselines/mask-rcnn_sa-r50.py',  # the self-attention baseline
     'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py',
     'configs/lesa/htc_lesa-wrn50.py',
 ]
@@ -165,9 +166,9 @@ def detector_without_dcn(config, feat_sizes):
 
 
 @pytest.mark.parametrize('config', [
-    DETECTION_CONFIGS[0],
+    *DETECTION_CONFIGS[:2],
     # about a minute each
-    *(pytest.param(c, marks=pytest.mark.slow) for c in DETECTION_CONFIGS[1:])
+    *(pytest.param(c, marks=pytest.mark.slow) for c in DETECTION_CONFIGS[2:])
 ])
 def test_detection_configs_export_with_dynamic_sizes(tmp_path, config):
     """The shipped detection configs' features (backbone and FPN), DCN off,

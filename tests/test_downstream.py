@@ -2,6 +2,8 @@
 import os
 import textwrap
 
+import pytest
+
 from conftest import REPO_ROOT
 from lesa_mm.models import LESAResNet
 from lesa_mm.utils import build_model_from_config
@@ -43,17 +45,21 @@ def test_pure_python_config_reads_base_from_the_package(tmp_path):
     assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
 
 
-def test_every_pure_python_entry_matches_its_classic_config():
+@pytest.mark.parametrize('folder', ['lesa', 'baselines'])
+def test_every_pure_python_entry_matches_its_classic_config(folder):
     import glob
 
     from mmengine.config import Config
-    entries = glob.glob(os.path.join(REPO_ROOT, 'lesa_mm/configs/lesa/*.py'))
-    classic = glob.glob(os.path.join(REPO_ROOT, 'configs/lesa/*.py'))
+    entries = glob.glob(os.path.join(REPO_ROOT, 'lesa_mm/configs', folder,
+                                     '*.py'))
+    classic = glob.glob(os.path.join(REPO_ROOT, 'configs', folder, '*.py'))
+    assert classic
     assert len([e for e in entries if not e.endswith('__init__.py')]) == \
         len(classic)
     for path in classic:
         module = os.path.basename(path)[:-3].replace('-', '_')
-        entry = os.path.join(REPO_ROOT, 'lesa_mm/configs/lesa', module + '.py')
+        entry = os.path.join(REPO_ROOT, 'lesa_mm/configs', folder,
+                             module + '.py')
         assert os.path.isfile(entry), entry
         lazy = Config.fromfile(entry)
         assert lazy.model.to_dict() == Config.fromfile(path).model.to_dict()

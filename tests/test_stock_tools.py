@@ -1,8 +1,8 @@
 """Stock tools: MMDetection's and MMPretrain's own ``tools/train.py`` and
 ``tools/test.py`` (the copies shipped inside those packages, run in a
 downstream project's folder as their users run them) train and evaluate
-every config in configs/lesa/, through a downstream config that inherits it
-by absolute path, on tiny generated data: from scratch, and from a
+every config in configs/lesa/ and configs/baselines/, through a downstream
+config that inherits it by absolute path, on tiny generated data: from scratch, and from a
 checkpoint (the detection backbones from a tiny ImageNet run of their
 'detection_qr' pre-training config, the classifiers with ``load_from``).
 
@@ -36,18 +36,27 @@ from pycocotools import mask as mask_utils
 from conftest import REPO_ROOT
 from lesa_mm.datasets import SHAPES, make_coco_shapes, make_shape_folders
 
-CONFIG_DIR = os.path.join(REPO_ROOT, 'configs', 'lesa')
-CONFIGS = sorted(os.path.basename(p)
-                 for p in glob.glob(os.path.join(CONFIG_DIR, '*.py')))
+CONFIG_DIRS = [os.path.join(REPO_ROOT, 'configs', d)
+               for d in ('lesa', 'baselines')]
+CONFIGS = sorted(os.path.basename(p) for d in CONFIG_DIRS
+                 for p in glob.glob(os.path.join(d, '*.py')))
 CLS_CONFIGS = [c for c in CONFIGS if c.endswith('_in1k.py')]
 DET_CONFIGS = [c for c in CONFIGS if c not in CLS_CONFIGS]
-FAST_DET = 'mask-rcnn_lesa-r50.py'
+FAST_DET = ('mask-rcnn_lesa-r50.py', 'mask-rcnn_sa-r50.py')
+
+
+def config_path(name):
+    """The shipped config of that file name (configs/lesa or baselines)."""
+    paths = [os.path.join(d, name) for d in CONFIG_DIRS
+             if os.path.isfile(os.path.join(d, name))]
+    assert len(paths) == 1, (name, paths)
+    return paths[0]
 DET_SIZE = 128
 NUM_DET_TRAIN, NUM_DET_VAL = 6, 2  # 3 iterations of 2 images
 
 
 def slow_unless(name, fast):
-    marks = () if name == fast else (pytest.mark.slow, )
+    marks = () if name in fast else (pytest.mark.slow, )
     return pytest.param(name, marks=marks, id=name[:-3])
 
 
@@ -158,7 +167,7 @@ def imagenet_data(root):
 
 
 def write_det_config(path, base, data_root, init_cfg=None, load_from=None):
-    cfg = Config.fromfile(os.path.join(CONFIG_DIR, base))
+    cfg = Config.fromfile(config_path(base))
     assert cfg.default_scope == 'mmdet'
     with_seg = any(t.get('with_seg')
                    for t in cfg.train_dataloader.dataset.pipeline)
@@ -166,7 +175,7 @@ def write_det_config(path, base, data_root, init_cfg=None, load_from=None):
     with open(path, 'w') as f:
         f.write(textwrap.dedent(f"""\
             # a downstream project's config: the shipped one, tiny data
-            _base_ = [{os.path.join(CONFIG_DIR, base)!r}]
+            _base_ = [{config_path(base)!r}]
             data_root = {data_root + '/'!r}
             metainfo = dict(classes={SHAPES!r})
             model = dict(backbone=dict(init_cfg={init_cfg!r}))
@@ -223,12 +232,12 @@ def write_det_config(path, base, data_root, init_cfg=None, load_from=None):
 
 
 def write_cls_config(path, base, data_root, load_from=None):
-    cfg = Config.fromfile(os.path.join(CONFIG_DIR, base))
+    cfg = Config.fromfile(config_path(base))
     assert cfg.default_scope == 'mmpretrain'
     with open(path, 'w') as f:
         f.write(textwrap.dedent(f"""\
             # a downstream project's config: the shipped one, tiny data
-            _base_ = [{os.path.join(CONFIG_DIR, base)!r}]
+            _base_ = [{config_path(base)!r}]
             model = dict(backbone=dict(init_cfg=None))
             train_dataloader = dict(
                 batch_size=2, num_workers=0, persistent_workers=False,
@@ -296,6 +305,9 @@ def assert_stable(records):
 def test_detection_from_scratch_stock_train_and_test(tmp_path, base):
     records, _, checkpoint = train_and_test_detector(tmp_path, base)
     assert_stable(records)
+    if Config.fromfile(config_path(base)).model.backbone.type != \
+            'LESAResNet':
+        return  # a stock ResNet (the convolution baseline) has no tables
     # MMDetection's tools/test.py on the same checkpoint, the model built
     # for other feature sizes: the checkpoint's position tables are kept,
     # so every prediction is the same
@@ -368,7 +380,12 @@ def pretraining_config(base):
     """The 'detection_qr' ImageNet config that pre-trains a detection
     config's backbone (same type and width), or None where none ships (the
     ResNeXt-101 detector, whose config names that checkpoint's path)."""
-    backbone = Config.fromfile(os.path.join(CONFIG_DIR, base)).model.backbone
+    backbone = Config.fromfile(config_path(base)).model.backbone
+    baselines = {'mask-rcnn_sa-r50.py': 'sa-resnet50_4xb32_in1k.py',
+                 'mask-rcnn_r50-dcn_lesa-recipe.py':
+                 'resnet50_lesa-recipe_in1k.py'}
+    if base in baselines:
+        return baselines[base]
     if backbone.type != 'LESAResNet':
         return None
     return {64: 'lesa-resnet50-qr_4xb32_in1k.py',
@@ -390,7 +407,10 @@ def test_detection_from_imagenet_checkpoint(tmp_path, tmp_path_factory,
     # branches (MMPretrain's ResNet default) to stand in for them.
     pretrained = imagenet_run(tmp_path_factory, pretraining_config(base),
                               ['model.backbone.zero_init_residual=True'])
-    init_cfg = dict(type='LESATransfer', checkpoint=str(pretrained))
+    # the config's own kind of init (LESATransfer, or Pretrained for the
+    # stock ResNet), pointed at the tiny checkpoint
+    init_cfg = dict(Config.fromfile(config_path(base)).model.backbone
+                    .init_cfg.to_dict(), checkpoint=str(pretrained))
     records, _, checkpoint = train_and_test_detector(
         tmp_path, base, init_cfg=init_cfg, tag='pretrained')
     assert_stable(records)
@@ -408,8 +428,7 @@ def shipped_hooks(path):
         return [HOOKS.build(h) for h in cfg.get('custom_hooks', [])]
 
 
-@pytest.mark.parametrize('path', [os.path.join(CONFIG_DIR, c)
-                                  for c in CONFIGS] + sorted(glob.glob(
+@pytest.mark.parametrize('path', [config_path(c) for c in CONFIGS] + sorted(glob.glob(
                                       os.path.join(REPO_ROOT, 'configs',
                                                    'demo', '*.py'))),
                          ids=lambda p: os.path.basename(p)[:-3])
