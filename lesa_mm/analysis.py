@@ -20,6 +20,7 @@ Example:
 """
 import math
 from collections import Counter, defaultdict
+from functools import partial
 
 import torch
 from mmengine.analysis import FlopAnalyzer, parameter_count
@@ -286,3 +287,38 @@ def complexity_info(model, inputs, show_table=True, show_arch=False,
         out_table=(complexity_stats_table(analyzer, max_depth=max_depth)
                    if show_table else ''),
         out_arch=complexity_stats_str(analyzer) if show_arch else '')
+
+
+def build_eval_model(config, cfg_options=None):
+    """Build ``config``'s model (eval mode) as the OpenMMLab tools do;
+    ``scope::path`` names a config an installed package ships."""
+    from mmengine.config import Config
+    from mmengine.hub import get_config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = get_config(config) if '::' in config else Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    return revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
+
+
+def traced_inputs(model, shape):
+    """Make ``model(inputs)`` the traced forward of a ``shape`` image:
+    returns ``(model, inputs)``. Classifiers run ``model(x, mode='tensor')``,
+    detectors ``model._forward(x, data_samples)`` as MMDetection's
+    ``get_flops`` does, on a random image through the model's data
+    preprocessor (padding included)."""
+    from mmdet.models.detectors import BaseDetector
+    from mmdet.structures import DetDataSample
+    h, w = shape
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    data = dict(inputs=[image])
+    if isinstance(model, BaseDetector):
+        data['data_samples'] = [DetDataSample(metainfo=dict(
+            img_shape=(h, w), ori_shape=(h, w), scale_factor=(1., 1.)))]
+    data = model.data_preprocessor(data)
+    model.forward = partial(model.forward, data_samples=data['data_samples'],
+                            mode='tensor')
+    return model, data['inputs']

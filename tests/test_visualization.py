@@ -94,6 +94,20 @@ def test_visualize_classification(vis_tool, cls_ckpt, tmp_path):
     check_png(out, figure_size(vis_tool, rows=2))
 
 
+def test_visualize_self_attention_shows_attention_only(vis_tool, tmp_path):
+    """A self-attention layer (no unary term, no gate): image and attention
+    panels only."""
+    config = os.path.join(REPO_ROOT, 'configs/demo/sa-resnet50-slim_shapes.py')
+    ckpt = random_checkpoint(Config.fromfile(config), tmp_path / 'sa.pth')
+    image = write_image(tmp_path / 'img.png', 64, 64)
+    out = str(tmp_path / 'sa.png')
+    info = vis_tool.main([config, ckpt, image, '--out', out,
+                          '--points', '10,12'])
+    assert info['layer'] == 'backbone.layer4.2.conv2'
+    check_png(out, (int(2 * vis_tool.PANEL_INCHES * 100),
+                    figure_size(vis_tool, rows=1)[1]))
+
+
 def test_visualize_classification_serves_only_its_trained_size(
         vis_tool, cls_cfg, cls_ckpt, tmp_path):
     # the config's test pipeline keeps a 50x90 image at 50x90: refused with

@@ -6,7 +6,8 @@ self-attention (global) vs. their gated fusion (arXiv:2107.05637).
 
 One row per query point (image pixel coordinates ``x,y``; default: the
 centre and the centres of the top-left and bottom-right quarters of the part
-of the image the model sees), four panels per row:
+of the image the model sees), four panels per row (two for a self-attention
+layer, ``with_unary=False``, which has no unary term and no gate):
 
 1. the image, the point and the cell of the layer's input grid it falls in;
 2. the binary term's attention of that query over all positions (mean of the
@@ -45,9 +46,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import lesa_mm  # noqa: E402,F401  (registers the models, allow-lists ckpts)
 from lesa_mm.models.layers.lesa import LESA  # noqa: E402
-from lesa_mm.utils import build_model_from_config  # noqa: E402
+from lesa_mm.utils import load_model  # noqa: E402
 
-#: Size of one panel (inches) and of the title band.
+#: Size of one panel (inches) and of the title band; panels per row of a
+#: LESA layer.
 PANEL_INCHES = 3.0
 TITLE_INCHES = 0.5
 COLUMNS = 4
@@ -60,44 +62,6 @@ class _Captured(Exception):
 # ----------------------------------------------------------------------------
 # model and layers
 # ----------------------------------------------------------------------------
-def load_model(config, checkpoint, device='cpu'):
-    """``(cfg, model)``: the model of ``config`` (a file or a loaded
-    ``Config``) with the checkpoint's weights, in eval mode."""
-    from mmengine.config import Config
-    from mmengine.runner import load_checkpoint
-    files = [('checkpoint', checkpoint)]
-    if not isinstance(config, Config):
-        files.insert(0, ('config', config))
-    for kind, path in files:
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'{kind} file {path!r} not found')
-    cfg = copy.deepcopy(config) if isinstance(config, Config) else \
-        Config.fromfile(config)
-    model = build_model_from_config(cfg)
-    ckpt = load_checkpoint(model, checkpoint, map_location='cpu',
-                           strict=False, logger='silent')
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
-    loaded = {k[len('module.'):] if k.startswith('module.') else k: v
-              for k, v in state.items()}
-    own = model.state_dict()
-    if not loaded.keys() & own.keys():
-        raise ValueError(f'checkpoint {checkpoint!r} has no weights of the '
-                         f'model of {cfg.filename or "the config"!r}')
-    wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}'
-             for k, v in loaded.items()
-             if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f'checkpoint {checkpoint!r} does not fit the model '
-                         f'of {cfg.filename or "the config"!r}: '
-                         f'{len(wrong)} weights of other shapes, e.g. '
-                         f'{wrong[:3]}')
-    missing = [k for k in own if k not in loaded]
-    if missing:
-        print(f'warning: {len(missing)} weights not in the checkpoint, e.g. '
-              f'{missing[:3]}', file=sys.stderr)
-    return cfg, model.to(device).eval()
-
-
 def lesa_layers(model):
     """Name -> LESA layer, in module order."""
     return OrderedDict((name, m) for name, m in model.named_modules()
@@ -202,12 +166,14 @@ def layer_input(model, layer, inputs):
 @torch.no_grad()
 def lesa_maps(layer, x, queries):
     """``attention (Q, h, w)`` (mean over heads), ``unary (h, w)`` (L2 norm
-    over channels), ``gate (h, w)`` (channel mean)."""
+    over channels), ``gate (h, w)`` (channel mean); a self-attention layer
+    (no unary term) has neither of the last two (None)."""
+    attention = layer.binary.attention_maps(x, queries)[0].mean(dim=0)
+    if layer.unary is None:
+        return attention, None, None
     u = layer.unary(x)
-    b = layer.binary(x)
-    gate = layer.fusion.gate(u, b)
-    attention = layer.binary.attention_maps(x, queries)
-    return (attention[0].mean(dim=0), u[0].norm(dim=0), gate[0].mean(dim=0))
+    gate = layer.fusion.gate(u, layer.binary(x))
+    return attention, u[0].norm(dim=0), gate[0].mean(dim=0)
 
 
 def _to_image(grid_map, padded_hw, valid_hw, mode):
@@ -265,7 +231,8 @@ def draw_figure(out, rgb, rows, points, boxes, title, dpi=100, seen=None):
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     img_h, img_w = rgb.shape[:2]
-    size = (COLUMNS * PANEL_INCHES, len(rows) * PANEL_INCHES + TITLE_INCHES)
+    columns = max(len(panels) for panels in rows)  # COLUMNS for LESA
+    size = (columns * PANEL_INCHES, len(rows) * PANEL_INCHES + TITLE_INCHES)
     # fixed sizes in inches rather than a layout engine: the PNG is exactly
     # figsize x dpi pixels, and drawing is much faster
     fig = Figure(figsize=size, dpi=dpi)
@@ -382,7 +349,9 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
         return _to_image(grid_map, padded_hw, input_hw, interpolation)
 
     cell_h, cell_w = padded_hw[0] / grid_h / sy, padded_hw[1] / grid_w / sx
-    unary_img, gate_img = shown(unary), shown(gate)
+    with_unary = unary is not None
+    if with_unary:
+        unary_img, gate_img = shown(unary), shown(gate)
 
     rows = []
     for i, ((px, py), (row, col)) in enumerate(zip(points, cells)):
@@ -395,13 +364,15 @@ def visualize(config, checkpoint, image, out, layer=None, points=None,
                               vmax=att.max().item()),
              f'self-attention (global), {lesa.groups} heads\nmax '
              f'{att.max().item():.3g}, uniform {1 / att.numel():.3g}'),
+        ] + ([
             (unary_img, dict(cmap='viridis'),
              'convolution (local)\n||u||, L2 over channels'),
             (gate_img, dict(cmap='magma', vmin=0, vmax=1),
              f'LESA gate (channel mean)\nat query: '
              f'{gate[row, col].item():.2f}'),
-        ])
-    title = (f'{name}: {lesa.pe_type} LESA, stride {lesa.stride}, input '
+        ] if with_unary else []))
+    kind = 'LESA' if with_unary else 'self-attention (no unary term)'
+    title = (f'{name}: {lesa.pe_type} {kind}, stride {lesa.stride}, input '
              f'grid {grid_h}x{grid_w}; model input {input_hw[0]}x'
              f'{input_hw[1]} ({size_note}); {osp.basename(image)}')
     boxes = [(seen[0] + col * cell_w, seen[1] + row * cell_h, cell_w, cell_h)

@@ -1,4 +1,8 @@
 """Building models from OpenMMLab configs outside a Runner."""
+import copy
+import os.path as osp
+import sys
+
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils import import_modules_from_strings
@@ -17,3 +21,40 @@ def build_model_from_config(cfg):
         import_modules_from_strings(**cfg.custom_imports)
     init_default_scope(cfg.get('default_scope', 'mmengine'))
     return MODELS.build(cfg.model)
+
+
+def load_model(config, checkpoint, device='cpu'):
+    """``(cfg, model)``: the model of ``config`` (a file or a loaded
+    ``Config``) with the checkpoint's weights, in eval mode."""
+    from mmengine.runner import load_checkpoint
+    files = [('checkpoint', checkpoint)]
+    if not isinstance(config, Config):
+        files.insert(0, ('config', config))
+    for kind, path in files:
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{kind} file {path!r} not found')
+    cfg = copy.deepcopy(config) if isinstance(config, Config) else \
+        Config.fromfile(config)
+    model = build_model_from_config(cfg)
+    ckpt = load_checkpoint(model, checkpoint, map_location='cpu',
+                           strict=False, logger='silent')
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
+    loaded = {k[len('module.'):] if k.startswith('module.') else k: v
+              for k, v in state.items()}
+    own = model.state_dict()
+    if not loaded.keys() & own.keys():
+        raise ValueError(f'checkpoint {checkpoint!r} has no weights of the '
+                         f'model of {cfg.filename or "the config"!r}')
+    wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}'
+             for k, v in loaded.items()
+             if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f'checkpoint {checkpoint!r} does not fit the model '
+                         f'of {cfg.filename or "the config"!r}: '
+                         f'{len(wrong)} weights of other shapes, e.g. '
+                         f'{wrong[:3]}')
+    missing = [k for k in own if k not in loaded]
+    if missing:
+        print(f'warning: {len(missing)} weights not in the checkpoint, e.g. '
+              f'{missing[:3]}', file=sys.stderr)
+    return cfg, model.to(device).eval()

@@ -7,17 +7,11 @@ MMDetection's ``get_flops`` does, ``model._forward(x, data_samples)`` on a
 random image through the model's data preprocessor (padding included).
 """
 import argparse
-from functools import partial
 
-import torch
 from mmdet.models.detectors import BaseDetector
-from mmdet.structures import DetDataSample
-from mmengine.config import Config, DictAction
-from mmengine.hub import get_config
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.config import DictAction
 
-from lesa_mm.analysis import complexity_info
+from lesa_mm.analysis import build_eval_model, complexity_info, traced_inputs
 
 
 def parse_args(argv=None):
@@ -39,37 +33,11 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(config, cfg_options=None):
-    """Build ``config``'s model (eval mode) as the OpenMMLab tools do;
-    ``scope::path`` names a config an installed package ships."""
-    cfg = get_config(config) if '::' in config else Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    return revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
-
-
-def model_inputs(model, shape):
-    """Make ``model(inputs)`` the traced forward of a ``shape`` image:
-    returns ``(model, inputs)``."""
-    h, w = shape
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    data = dict(inputs=[image])
-    if isinstance(model, BaseDetector):
-        data['data_samples'] = [DetDataSample(metainfo=dict(
-            img_shape=(h, w), ori_shape=(h, w), scale_factor=(1., 1.)))]
-    data = model.data_preprocessor(data)
-    model.forward = partial(model.forward, data_samples=data['data_samples'],
-                            mode='tensor')
-    return model, data['inputs']
-
-
 def main(argv=None):
     args = parse_args(argv)
-    model = build_model(args.config, args.cfg_options)
+    model = build_eval_model(args.config, args.cfg_options)
     shape = args.shape or [1024 if isinstance(model, BaseDetector) else 224]
-    model, inputs = model_inputs(model, (shape[0], shape[-1]))
+    model, inputs = traced_inputs(model, (shape[0], shape[-1]))
     if args.backbone_only:
         model = model.backbone
     info = complexity_info(model, inputs)
