@@ -73,3 +73,46 @@ def test_classification_demo_learns(tmp_path):
                  str(tmp_path / 'cls'))['accuracy/top1']
     assert top1 >= 90, top1
     matches_readme('lesa-resnet50-slim_shapes', [top1])
+
+
+def comparison_rows(task):
+    """The README's demo-comparison rows of ``task``: config -> figures."""
+    from conftest import load_tool
+    tool = load_tool('tools/analysis_tools/compare_demo.py')
+    with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+        lines = f.read().splitlines()
+    rows = {}
+    for _, config in tool.DEMOS[task]['variants']:
+        name = os.path.basename(config)[:-3]
+        row = next(line for line in lines
+                   if line.split('|')[2:3] == [f' `{name}` '])
+        rows[name] = [float(v) for v in row.split('|')[3:3 + len(
+            tool.DEMOS[task]['metrics'])]]
+    return tool, rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['classification', 'detection'])
+def test_demo_comparison_matches_readme(tmp_path, task):
+    """tools/analysis_tools/compare_demo.py: the three variants train, and
+    their results are the README's comparison table (at its thread
+    count)."""
+    tool, readme = comparison_rows(task)
+    rows, terms = tool.main([task, '--work-dir', str(tmp_path),
+                             '--num-images', '4'])
+    assert [r['variant'] for r in rows] == ['convolution', 'self-attention',
+                                           'LESA']
+    assert set(terms) == {'self-attention', 'LESA'}
+    for row in rows:
+        name = os.path.basename(row['config'])[:-3]
+        measured = [row['metrics'][key]
+                    for _, key, _ in tool.DEMOS[task]['metrics']]
+        matches_readme_figures(readme[name], measured)
+
+
+def matches_readme_figures(figures, measured):
+    _, threads = readme_row('lesa-resnet50-slim_shapes')
+    if torch.get_num_threads() != threads:
+        pytest.skip(f'the README\'s figures are for {threads} threads')
+    assert [round(m, len(str(f).split('.')[1])) for m, f in
+            zip(measured, figures)] == figures, (measured, figures)
