@@ -250,7 +250,7 @@ def test_init_weights_initialises_ordinary_layers_once_and_not_lesa():
         model.layer1[0].conv1.weight.zero_()
         model.layer1[0].bn1.weight.zero_()
     with mock.patch.object(LESA, 'init_weights') as lesa_init, \
-            mock.patch('lesa_mm.models.backbones.lesa_resnet.kaiming_init',
+            mock.patch('lesa_mm.models.utils.kaiming_init',
                        wraps=__import__(
                            'mmengine.model.weight_init',
                            fromlist=['kaiming_init']).kaiming_init) as kaiming:

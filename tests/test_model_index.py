@@ -1,4 +1,4 @@
-"""model-index.yml and configs/lesa/metafile.yml (OpenMMLab model index)."""
+"""model-index.yml and the configs' metafiles (OpenMMLab model index)."""
 import glob
 import os
 
@@ -45,7 +45,8 @@ def load(path):
 @pytest.fixture(scope='module')
 def metafiles():
     index = load('model-index.yml')
-    assert index['Import'] == ['configs/lesa/metafile.yml']
+    assert index['Import'] == ['configs/lesa/metafile.yml',
+                               'configs/baselines/metafile.yml']
     return [load(path) for path in index['Import']]
 
 
@@ -54,8 +55,28 @@ def models(metafiles):
     return [m for meta in metafiles for m in meta['Models']]
 
 
+def readme_demo_metrics(name):
+    """A demo config's held-out result in the README's tables (its demo
+    table, or the comparison table), as the metafile states it: box and
+    mask AP in percent, top-1 in percent."""
+    import re
+    with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+        lines = f.read().splitlines()
+    # the demo table's row starts with the config, the comparison table's
+    # names it in its second column
+    rows = [line for line in lines if line.startswith(f'| `{name}`')
+            or line.split('|')[2:3] == [f' `{name}` ']]
+    assert rows, name
+    figures = [float(v) for v in re.findall(r'\d+\.\d+', rows[0])]
+    if name.startswith('mask-rcnn'):
+        return {'box AP': round(100 * figures[0], 1),
+                'mask AP': round(100 * figures[1], 1)}
+    return {'Top 1 Accuracy': figures[0]}
+
+
 def test_collection(metafiles):
-    collections = [c for meta in metafiles for c in meta['Collections']]
+    collections = [c for meta in metafiles
+                   for c in meta.get('Collections', [])]
     assert [c['Name'] for c in collections] == ['LESA']
     paper = collections[0]['Paper']
     assert paper['URL'] == PAPER_URL
@@ -71,7 +92,7 @@ def test_every_config_listed_and_existing(models):
         assert os.path.isfile(os.path.join(REPO_ROOT, path)), path
     shipped = sorted(
         os.path.relpath(p, REPO_ROOT).replace(os.sep, '/')
-        for folder in ('lesa', 'demo')
+        for folder in ('lesa', 'demo', 'baselines')
         for p in glob.glob(os.path.join(REPO_ROOT, 'configs', folder, '*.py')))
     assert sorted(listed) == shipped
 
@@ -91,6 +112,7 @@ def test_models_well_formed(models):
             # every result says whose it is: the authors' or ours
             if m['Config'].startswith('configs/demo/'):
                 assert 'measured with this code (ours)' in result['Notes']
+                assert result['Metrics'] == readme_demo_metrics(m['Name'])
             else:
                 assert 'reported by the authors' in result['Notes']
                 assert 'not reproduced here' in result['Notes']
@@ -143,7 +165,7 @@ def test_resnet_family_entries_have_no_results(models):
 
 def test_demo_entries_list_our_measurements(models):
     demos = [m for m in models if m['Config'].startswith('configs/demo/')]
-    assert len(demos) == 2
+    assert len(demos) == 6  # LESA, convolution, self-attention; two tasks
     for m in demos:
         assert len(m['Results']) == 1
         assert m['Metadata']['Parameters'] > 0
@@ -161,4 +183,4 @@ def test_modelindex_loads():
     finally:
         os.chdir(cwd)
     assert not errors
-    assert len(index.models) == 11
+    assert len(index.models) == 19
