@@ -1,37 +1,20 @@
-"""Registration of lesa_mm modules into the OpenMMLab registries.
+"""Where lesa_mm's modules are registered.
 
-The LESA layer lives in MMEngine's root ``MODELS`` registry, so every
-downstream registry (mmdet, mmpretrain, ...) can build it by name. Backbones
-are registered once, by :func:`register_backbone`, into the ``MODELS``
-registries of MMDetection and MMPretrain, whichever of the two is installed.
+Each module is registered once, in MMEngine's root registries: the LESA
+layer and the backbones in ``MODELS``, the demo datasets in ``DATASETS``,
+the curves hook in ``HOOKS``, the transfer in ``WEIGHT_INITIALIZERS``.
+MMDetection's and MMPretrain's registries are children of these roots, and
+a lookup of a plain name that misses in a child searches its parent, so
+configs of either scope build every lesa_mm module by its plain name
+(``type='LESAResNet'``); a scoped name (``'mmdet.LESAResNet'``) searches only
+that library's own registry and does not find it. Importing lesa_mm
+therefore imports neither library's model, dataset or visualisation
+packages; the scope a config runs in brings its own.
 """
-import importlib
-import warnings
+from mmengine.registry import DATASETS, HOOKS, MODELS, WEIGHT_INITIALIZERS
 
-from mmengine.registry import MODELS as ROOT_MODELS
+#: MMEngine's root ``MODELS`` (the name the layer modules use).
+ROOT_MODELS = MODELS
 
-#: Downstream codebases whose ``MODELS`` registry receives our backbones.
-DOWNSTREAM_SCOPES = ('mmdet', 'mmpretrain')
-
-
-def _downstream_registries():
-    registries = []
-    for scope in DOWNSTREAM_SCOPES:
-        try:
-            module = importlib.import_module(f'{scope}.registry')
-        except ImportError as err:
-            warnings.warn(f'lesa_mm: {scope} is not importable ({err}); its '
-                          'MODELS registry will not know the LESA backbones.')
-            continue
-        registries.append(module.MODELS)
-    return registries
-
-
-def register_backbone(cls):
-    """Class decorator: register ``cls`` in mmdet's and mmpretrain's MODELS."""
-    for registry in _downstream_registries():
-        registry.register_module(module=cls)
-    return cls
-
-
-__all__ = ['ROOT_MODELS', 'register_backbone', 'DOWNSTREAM_SCOPES']
+__all__ = ['ROOT_MODELS', 'MODELS', 'DATASETS', 'HOOKS',
+           'WEIGHT_INITIALIZERS']

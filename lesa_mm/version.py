@@ -4,7 +4,8 @@
 mmcv. setup.cfg cannot import this module: its ``install_requires`` states
 the same ranges by hand, and tests/test_install.py checks that they agree.
 """
-import importlib
+import importlib.metadata
+import sys
 
 # package -> (lowest supported version, first unsupported version)
 # mmcv: what mmdet 3.x and mmpretrain 1.x both accept (mmdet 3.3 needs
@@ -26,6 +27,23 @@ def requirement(name):
     return f'{name}>={low},<{high}'
 
 
+def installed_version(name):
+    """The installed version of ``name``: the ``__version__`` of the module
+    if it is imported already, else its distribution's metadata (so that
+    checking does not import mmdet's or mmpretrain's packages).
+
+    Raises:
+        ImportError: If the package is not installed.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, '__version__', None)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ImportError(f'{name} is not installed') from error
+
+
 def check_versions(packages=None):
     """Raise ImportError naming the installed version and the supported
     range when an installed OpenMMLab package is outside it.
@@ -39,13 +57,12 @@ def check_versions(packages=None):
     for name in names:
         low, high = SUPPORTED_VERSIONS[name]
         try:
-            module = importlib.import_module(name)
+            installed = installed_version(name)
         except ImportError as error:
             raise ImportError(
-                f'lesa_mm {__version__} needs {requirement(name)}, which '
-                f'could not be imported ({error})') from error
+                f'lesa_mm {__version__} needs {requirement(name)}: '
+                f'{error}') from error
         from mmengine.utils import digit_version
-        installed = getattr(module, '__version__', None)
         if installed is None or not (
                 digit_version(low) <= digit_version(installed) <
                 digit_version(high)):

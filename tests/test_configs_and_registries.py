@@ -138,3 +138,50 @@ def test_build_through_custom_imports_in_either_scope(tmp_path, scope):
     assert isinstance(model, LESAResNet)
     # the build went through the config's scope
     assert DefaultScope.get_current_instance().scope_name == scope
+
+
+def test_import_is_light():
+    """``import lesa_mm`` registers everything without importing plotting,
+    either library's dataset or model packages, or MMPretrain at all (a
+    fresh interpreter)."""
+    import subprocess
+    import sys
+    heavy = ['matplotlib', 'mmdet.datasets', 'mmdet.models', 'mmpretrain',
+             'torchvision', 'pycocotools']
+    code = ('import sys, lesa_mm\n'
+            f'print([m for m in {heavy!r} if m in sys.modules])')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == '[]'
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmpretrain'])
+def test_every_module_is_found_from_either_scope(scope, tmp_path):
+    """Registered once, in MMEngine's root registries: each library's
+    registries find every lesa_mm module by its plain name (a scoped name
+    searches only that library's own registry)."""
+    import importlib
+
+    from lesa_mm.datasets import demo
+    from lesa_mm.utils.curves import PlotCurvesHook
+    from lesa_mm.utils.transfer import LESATransferInit
+    registry = importlib.import_module(f'{scope}.registry')
+    assert registry.MODELS.get('LESAResNet') is LESAResNet
+    assert registry.MODELS.get('LESAResNeXt') is LESAResNeXt
+    assert registry.MODELS.get(f'{scope}.LESAResNet') is None
+    assert registry.HOOKS.get('PlotCurvesHook') is PlotCurvesHook
+    assert registry.WEIGHT_INITIALIZERS.get('LESATransfer') is \
+        LESATransferInit
+    # the demo datasets: the classes are defined on first use
+    kind = dict(mmdet='SyntheticShapesCoco',
+                mmpretrain='SyntheticShapeFolders')[scope]
+    dataset = registry.DATASETS.build(dict(
+        type=kind, synthetic=dict(), data_root=str(tmp_path / 'none'),
+        lazy_init=True))
+    cls = getattr(demo, kind)
+    assert type(dataset) is cls and cls.__name__ == kind
+    base = dict(mmdet='CocoDataset', mmpretrain='CustomDataset')[scope]
+    assert cls.__bases__[0].__name__ == base
+    assert not (tmp_path / 'none').exists()  # nothing generated yet
+    with pytest.raises(AttributeError, match='no attribute'):
+        demo.SyntheticOther

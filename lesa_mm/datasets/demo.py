@@ -2,15 +2,34 @@
 use (:func:`~lesa_mm.datasets.synthetic.ensure_synthetic_data`), so that
 every tool runs the demos, MMDetection's and MMPretrain's own included.
 
-The data is generated when the dataset first loads its data list
+* ``SyntheticShapesCoco``: MMDetection's ``CocoDataset`` over the coloured
+  shapes of :func:`~lesa_mm.datasets.make_coco_shapes`;
+* ``SyntheticShapeFolders``: MMPretrain's ``CustomDataset`` over the class
+  folders of :func:`~lesa_mm.datasets.make_shape_folders`.
+
+Each generates its data under ``data_root`` unless a complete set made with
+the same ``synthetic`` arguments (the generator's keyword arguments) is
+there. The data is generated when the dataset first loads its data list
 (``full_init``: at construction, or on first access with
 ``lazy_init=True``), never when a config is only read or a model is built
 for inference. In distributed runs rank 0 generates and the other ranks
 wait for it.
+
+The classes subclass MMDetection's and MMPretrain's datasets, so they are
+defined when first used: the names are registered in MMEngine's root
+``DATASETS`` (found from either library's scope) as builders that define
+the class then, and ``lesa_mm.datasets.demo.SyntheticShapesCoco`` (or
+``SyntheticShapeFolders``) gives the class itself. Importing lesa_mm does
+not import either library's dataset package.
 """
+import functools
+
 from mmengine.dist import barrier, get_rank
 
+from lesa_mm.registry import DATASETS
 from .synthetic import ensure_synthetic_data
+
+__all__ = ['SyntheticShapesCoco', 'SyntheticShapeFolders']
 
 
 def _generate(kind, data_root, synthetic):
@@ -19,60 +38,57 @@ def _generate(kind, data_root, synthetic):
     barrier()
 
 
-try:
-    from mmdet.datasets import CocoDataset
-    from mmdet.registry import DATASETS as DET_DATASETS
-except ImportError:  # lesa_mm.registry warns about a missing mmdet
-    pass
-else:
+def _generating(base, kind):
+    """A subclass of the dataset class ``base`` that generates its data."""
 
-    @DET_DATASETS.register_module()
-    class SyntheticShapesCoco(CocoDataset):
-        """:class:`~mmdet.datasets.CocoDataset` over the coloured shapes of
-        :func:`~lesa_mm.datasets.make_coco_shapes`, generated under
-        ``data_root`` unless a complete set made with the same ``synthetic``
-        arguments is there.
-
-        Args:
-            synthetic (dict): Arguments of the generator (``num_train``,
-                ``num_val``, ``image_size``, ``seed``).
-            data_root (str): Where the data is (or is generated).
-        """
+    class Generating(base):
 
         def __init__(self, *args, synthetic, data_root, **kwargs):
             self.synthetic = synthetic
             super().__init__(*args, data_root=data_root, **kwargs)
 
         def load_data_list(self):
-            _generate('coco', self.data_root, self.synthetic)
+            _generate(kind, self.data_root, self.synthetic)
             return super().load_data_list()
 
+    return Generating
 
-try:
-    from mmpretrain.datasets import CustomDataset
-    from mmpretrain.registry import DATASETS as CLS_DATASETS
-except ImportError:
-    pass
-else:
 
-    @CLS_DATASETS.register_module()
-    class SyntheticShapeFolders(CustomDataset):
-        """:class:`~mmpretrain.datasets.CustomDataset` over the class folders
-        of :func:`~lesa_mm.datasets.make_shape_folders`, generated under
-        ``data_root`` unless a complete set made with the same ``synthetic``
-        arguments is there.
+@functools.lru_cache(maxsize=None)
+def dataset_class(name):
+    """The class of the demo dataset ``name``, defined on first use."""
+    if name == 'SyntheticShapesCoco':
+        from mmdet.datasets import CocoDataset
+        cls = _generating(CocoDataset, 'coco')
+    elif name == 'SyntheticShapeFolders':
+        from mmpretrain.datasets import CustomDataset
+        cls = _generating(CustomDataset, 'folders')
+    else:
+        raise ValueError(f'no demo dataset {name!r}; the demo datasets are '
+                         f'{__all__}')
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = __name__
+    cls.__doc__ = (f'{cls.__bases__[0].__name__} over synthetic shapes, '
+                   f'generated under data_root on first use (see '
+                   f'{__name__}).')
+    return cls
 
-        Args:
-            synthetic (dict): Arguments of the generator
-                (``num_train_per_class``, ``num_val_per_class``,
-                ``image_size``, ``seed``).
-            data_root (str): Where the data is (or is generated).
-        """
 
-        def __init__(self, *args, synthetic, data_root, **kwargs):
-            self.synthetic = synthetic
-            super().__init__(*args, data_root=data_root, **kwargs)
+def __getattr__(name):
+    if name in __all__:
+        return dataset_class(name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
-        def load_data_list(self):
-            _generate('folders', self.data_root, self.synthetic)
-            return super().load_data_list()
+
+def _register(name):
+
+    def build(*args, **kwargs):
+        return dataset_class(name)(*args, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f'Build the demo dataset {name} (see {__name__}).'
+    DATASETS.register_module(name=name, module=build)
+
+
+for _name in __all__:
+    _register(_name)

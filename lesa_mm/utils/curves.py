@@ -12,10 +12,10 @@ import glob
 import json
 import os.path as osp
 
-from matplotlib.figure import Figure
 from mmengine.dist import master_only
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
+
+from lesa_mm.registry import HOOKS
 
 #: Validation metrics plotted by default, when logged.
 METRICS = ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50',
@@ -108,6 +108,8 @@ def plot_curves(work_dir, out_file=None, keys=None, runs='all', dpi=100):
     if not panels:
         raise ValueError(f'no losses or metrics logged in {work_dir}')
 
+    # matplotlib only when drawing: importing lesa_mm does not import it
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(5.5 * len(panels), 4), layout='constrained')
     axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
     series = {}

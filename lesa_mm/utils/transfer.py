@@ -41,7 +41,8 @@ from collections import OrderedDict
 
 import torch
 from mmengine.model.weight_init import PretrainedInit, update_init_info
-from mmengine.registry import WEIGHT_INITIALIZERS
+
+from lesa_mm.registry import WEIGHT_INITIALIZERS
 
 from .official_checkpoint import convert
 

@@ -1,8 +1,9 @@
 """LESA-ResNet family: ResNets whose chosen 3x3 convolutions are LESA layers.
 
 One implementation for both task families: :class:`LESAResNet` and
-:class:`LESAResNeXt` are registered in MMDetection's and MMPretrain's
-``MODELS``. Parameter names follow their ResNet (``conv1``, ``bn1`` or the
+:class:`LESAResNeXt` are registered in MMEngine's root ``MODELS``, which
+MMDetection's and MMPretrain's ``MODELS`` search as their parent
+(:mod:`lesa_mm.registry`). Parameter names follow their ResNet (``conv1``, ``bn1`` or the
 deep ``stem``, ``layerN.M.conv1..3``, ``bn1..3``, ``downsample``), so with
 LESA in no stage each backbone has exactly the state dict of its stock
 counterpart (MMDetection's ``ResNet``, ``ResNetV1d``, ``ResNeXt``) and an
@@ -19,8 +20,7 @@ from mmengine.model.weight_init import constant_init
 from mmengine.utils import to_2tuple
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_mm.registry import ROOT_MODELS as MODELS
-from lesa_mm.registry import register_backbone
+from lesa_mm.registry import MODELS
 from ..utils import (boolean, init_convs_and_norms, positive_int,
                      registered_layer_cfg)
 
@@ -110,7 +110,7 @@ class LESABottleneck(BaseModule):
         return self.relu(out)
 
 
-@register_backbone
+@MODELS.register_module()
 class LESAResNet(BaseModule):
     """ResNet / ResNet-D / Wide-ResNet with LESA layers (arXiv:2107.05637).
 
@@ -444,7 +444,7 @@ class LESAResNet(BaseModule):
         return self
 
 
-@register_backbone
+@MODELS.register_module()
 class LESAResNeXt(LESAResNet):
     """ResNeXt with LESA layers: :class:`LESAResNet` whose ordinary 3x3
     convolutions are grouped, as MMDetection's ``ResNeXt`` (which it equals,
