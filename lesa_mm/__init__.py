@@ -10,7 +10,10 @@ from .version import check_versions  # noqa: E402
 check_versions()
 
 from . import datasets, models  # noqa: F401,E402  (registers everything)
+from .utils.config import register_config_package  # noqa: E402
 from .utils.safe_load import allow_mmengine_checkpoints  # noqa: E402
 
 # MMEngine training checkpoints load with torch's weights_only=True default
 allow_mmengine_checkpoints()
+# `_base_ = 'lesa_mm::lesa/...'` in configs parsed after this import
+register_config_package()

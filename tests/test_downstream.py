@@ -63,3 +63,22 @@ def test_every_pure_python_entry_matches_its_classic_config(folder):
         assert os.path.isfile(entry), entry
         lazy = Config.fromfile(entry)
         assert lazy.model.to_dict() == Config.fromfile(path).model.to_dict()
+
+
+def test_inherit_with_the_package_scope(tmp_path):
+    """``_base_ = 'lesa_mm::...'`` after ``import lesa_mm`` (MMEngine reads
+    the package's .mim/configs), as this repository's tools load configs."""
+    import lesa_mm  # noqa: F401  (adds lesa_mm to MMEngine's package table)
+    from mmengine.config import Config
+    cfg_file = tmp_path / 'scoped.py'
+    cfg_file.write_text(textwrap.dedent("""
+        _base_ = 'lesa_mm::baselines/mask-rcnn_sa-r50.py'
+        model = dict(backbone=dict(frozen_stages=2))
+    """))
+    cfg = Config.fromfile(str(cfg_file))
+    assert cfg.model.backbone.frozen_stages == 2
+    assert cfg.model.backbone.lesa == dict(type='LESA', with_unary=False,
+                                           fusion=None)
+    from mmengine.hub import get_config
+    assert get_config('lesa_mm::lesa/mask-rcnn_lesa-r50.py').model.backbone \
+        .type == 'LESAResNet'

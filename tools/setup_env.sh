@@ -70,6 +70,13 @@ log "installing lesa_mm with the deploy and tests extras"
 pip install -q --no-build-isolation -e ".[deploy,tests]" \
   "torch===$TORCH_VERSION" "torchvision===$TORCHVISION_VERSION" \
   "numpy<2" "opencv-python<4.12"
+# OpenMIM (`mim list`, `mim train lesa_mm CONFIG`, `mim test ...`) without
+# its dataset-download dependencies (opendatalab/openxlab would downgrade
+# setuptools, requests, rich and numpy): the package with --no-deps and what
+# its train/test/list commands import.
+log "installing openmim"
+pip install -q --no-deps "openmim==0.3.9"
+pip install -q tabulate colorama requests "pandas<3" "numpy<2"
 # MMEngine resolves `with read_base(): from lesa_mm.configs... import *` by
 # looking for site-packages/lesa_mm, which a PEP 660 editable install does
 # not create: point it at the repository's package.

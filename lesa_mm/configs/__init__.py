@@ -11,6 +11,6 @@ them, e.g.::
     model.backbone.frozen_stages = 2
 
 Each module loads the corresponding classic config (``configs/`` in the
-repository, shipped as ``lesa_mm/configs/classic``), so the two styles share
+repository, shipped as ``lesa_mm/.mim/configs``), so the two styles share
 one definition of every recipe.
 """

@@ -8,6 +8,22 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils import import_modules_from_strings
 
 
+def register_config_package():
+    """Let MMEngine resolve ``'lesa_mm::lesa/mask-rcnn_lesa-r50.py'``
+    (``_base_``, ``Config.fromfile``, ``mmengine.hub.get_config``).
+
+    MMEngine 0.10 accepts only the packages of its ``MODULE2PACKAGE`` table
+    as a ``package::`` scope, then reads the package's ``.mim/configs``. The
+    table is fixed in MMEngine and filled here, so the scope works in
+    configs parsed after ``import lesa_mm`` (this package's tools, a script
+    that imports it); MMDetection's and MMPretrain's ``tools/train.py``
+    parse the config before its ``custom_imports``, where only a path
+    works.
+    """
+    from mmengine.config import utils
+    utils.MODULE2PACKAGE.setdefault('lesa_mm', 'lesa_mm')
+
+
 def build_model_from_config(cfg):
     """Build ``cfg.model`` the way MMEngine's Runner does: honour the
     config's ``custom_imports`` and ``default_scope``.
