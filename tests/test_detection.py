@@ -18,7 +18,7 @@ from lesa_mm.utils.transfer import transfer_state_dict
 ALL_CONFIGS = sorted(
     p for p in glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'),
                          recursive=True)
-    if '_base_' not in p.split(os.sep))
+    if '_base_' not in p.split(os.sep) and 'deploy' not in p.split(os.sep))
 DET_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
                'configs/lesa/htc_lesa-wrn50.py',
                'configs/lesa/mask-rcnn_lesa-r50_keep-ratio.py']

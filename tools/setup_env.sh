@@ -77,6 +77,12 @@ pip install -q --no-build-isolation -e ".[deploy,tests]" \
 log "installing openmim"
 pip install -q --no-deps "openmim==0.3.9"
 pip install -q tabulate colorama requests "pandas<3" "numpy<2"
+# MMDeploy 1.3.1 for the detector's deployment (configs/deploy/): its wheel
+# pins protobuf<=3.20.2, which would downgrade protobuf and onnx, so the
+# package with --no-deps and the dependencies its ONNX Runtime path imports.
+log "installing mmdeploy"
+pip install -q --no-deps "mmdeploy==1.3.1"
+pip install -q aenum multiprocess prettytable dill wcwidth "numpy<2"
 # MMEngine resolves `with read_base(): from lesa_mm.configs... import *` by
 # looking for site-packages/lesa_mm, which a PEP 660 editable install does
 # not create: point it at the repository's package.
