@@ -295,12 +295,12 @@ def build_eval_model(config, cfg_options=None):
     from mmengine.config import Config
     from mmengine.hub import get_config
     from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import MODELS, init_default_scope
+
+    from lesa_mm.utils import build_model_from_config
     cfg = get_config(config) if '::' in config else Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    return revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
+    return revert_sync_batchnorm(build_model_from_config(cfg)).eval()
 
 
 def traced_inputs(model, shape):
@@ -309,13 +309,13 @@ def traced_inputs(model, shape):
     detectors ``model._forward(x, data_samples)`` as MMDetection's
     ``get_flops`` does, on a random image through the model's data
     preprocessor (padding included)."""
-    from mmdet.models.detectors import BaseDetector
-    from mmdet.structures import DetDataSample
+    from lesa_mm.utils.config import model_task
     h, w = shape
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     data = dict(inputs=[image])
-    if isinstance(model, BaseDetector):
+    if model_task(model) == 'detection':
+        from mmdet.structures import DetDataSample
         data['data_samples'] = [DetDataSample(metainfo=dict(
             img_shape=(h, w), ori_shape=(h, w), scale_factor=(1., 1.)))]
     data = model.data_preprocessor(data)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from lesa_mm.models.layers.position import RelativePosition
+from lesa_mm.utils.config import model_task
 
 #: ONNX opset of the exports.
 OPSET = 18
@@ -67,10 +68,11 @@ def exportable_module(model):
             f'{deformable[0]!r}) have no ONNX Runtime kernel; export the '
             'model without DCN, e.g. --cfg-options model.backbone.dcn=None '
             "'model.backbone.stage_with_dcn=[False,False,False,False]'")
-    if hasattr(model, 'extract_feat') and hasattr(model, 'head'):
-        module = _Logits(model)  # MMPretrain classifier
-    elif hasattr(model, 'extract_feat'):
-        module = _Features(model)  # MMDetection detector
+    task = model_task(model)
+    if task == 'classification':
+        module = _Logits(model)
+    elif task == 'detection':
+        module = _Features(model)
     else:
         module = model
     return module.eval()

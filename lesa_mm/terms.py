@@ -125,7 +125,9 @@ def dataset_inputs(cfg, model, num_images, batch_size=4):
     preprocessor), as a generator."""
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import DATASETS, init_default_scope
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
+
+    from lesa_mm.utils.config import default_scope
+    init_default_scope(default_scope(cfg))
     dataset = DATASETS.build(cfg.test_dataloader.dataset)
     if not 1 <= num_images <= len(dataset):
         raise ValueError(f'num_images must be in [1, {len(dataset)}] (the '

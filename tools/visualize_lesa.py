@@ -47,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import lesa_mm  # noqa: E402,F401  (registers the models, allow-lists ckpts)
 from lesa_mm.models.layers.lesa import LESA  # noqa: E402
 from lesa_mm.utils import load_model  # noqa: E402
+from lesa_mm.utils.config import config_task  # noqa: E402
 
 #: Size of one panel (inches) and of the title band; panels per row of a
 #: LESA layer.
@@ -101,7 +102,7 @@ def test_pipeline(cfg):
     ``ImageClassificationInferencer`` (no loader; the caller passes the
     image)."""
     from mmcv.transforms import Compose
-    if cfg.get('default_scope') == 'mmpretrain':
+    if config_task(cfg) == 'classification':
         from mmpretrain.datasets import remove_transform
         from mmpretrain.registry import TRANSFORMS
         steps = remove_transform(cfg.test_dataloader.dataset.pipeline,

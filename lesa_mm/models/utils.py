@@ -81,3 +81,14 @@ def init_convs_and_norms(module, skip=()):
                          distribution='normal')
         elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
             constant_init(m, 1, bias=0)
+
+
+def split_dcn_cfg(dcn):
+    """``(conv_cfg, fallback_on_stride)`` of an MMDetection-style DCN config:
+    the mmcv conv config without MMDetection's ``fallback_on_stride`` key
+    (which keeps strided 3x3 convolutions ordinary), and that key's value.
+    ``(None, False)`` for no DCN."""
+    if dcn is None:
+        return None, False
+    conv_cfg = dict(dcn)
+    return conv_cfg, bool(conv_cfg.pop('fallback_on_stride', False))

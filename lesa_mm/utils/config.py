@@ -8,6 +8,35 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils import import_modules_from_strings
 
 
+#: The task family of each OpenMMLab scope whose configs lesa_mm serves.
+SCOPE_TASKS = {'mmdet': 'detection', 'mmpretrain': 'classification'}
+
+
+def default_scope(cfg):
+    """The registry scope ``cfg`` builds in: its ``default_scope``, else
+    MMEngine's root (``'mmengine'``, where lesa_mm registers its modules)."""
+    return cfg.get('default_scope', 'mmengine')
+
+
+def config_task(cfg):
+    """``'detection'`` (an ``mmdet`` config), ``'classification'`` (an
+    ``mmpretrain`` config) or None (another scope)."""
+    return SCOPE_TASKS.get(default_scope(cfg))
+
+
+def model_task(model):
+    """``'detection'`` for an MMDetection detector, ``'classification'`` for
+    an MMPretrain classifier, None for anything else (a backbone, a
+    layer)."""
+    from mmdet.models.detectors import BaseDetector
+    if isinstance(model, BaseDetector):
+        return 'detection'
+    from mmpretrain.models.classifiers import BaseClassifier
+    if isinstance(model, BaseClassifier):
+        return 'classification'
+    return None
+
+
 def register_config_package():
     """Let MMEngine resolve ``'lesa_mm::lesa/mask-rcnn_lesa-r50.py'``
     (``_base_``, ``Config.fromfile``, ``mmengine.hub.get_config``).
@@ -35,7 +64,7 @@ def build_model_from_config(cfg):
         cfg = Config.fromfile(cfg)
     if cfg.get('custom_imports'):
         import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    init_default_scope(default_scope(cfg))
     return MODELS.build(cfg.model)
 
 

@@ -16,10 +16,12 @@ gradients (``--mode train``). Time: the median of single steps
 which synchronises an accelerator) repeated for ``--min-run-time`` seconds.
 Threads: the environment's (``OMP_NUM_THREADS``), as MMEngine's runners
 leave them; ``--threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``
-of each measuring process. The tool never calls ``torch.set_num_threads``
-(nor ``torch.utils.benchmark.Timer``, which does): after that call, even
-with the count unchanged, PyTorch's CPU flash-attention kernel ran about
-25 % slower on a 2-core machine. Peak memory: the
+of each measuring process. The measuring processes never call
+``torch.set_num_threads`` (nor ``torch.utils.benchmark.Timer``, which does):
+after that call, even with the count unchanged, PyTorch's CPU
+flash-attention kernel ran about 25 % slower on a 2-core machine. Only
+``--profile``, which runs in the tool's own process (its torch already
+loaded), sets ``--threads`` with it. Peak memory: the
 peak resident set of the process (``ru_maxrss``: interpreter, weights and
 steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; the same
 before the steps is printed beside it. FLOPs: of
@@ -53,12 +55,13 @@ from mmengine.utils import to_2tuple
 from torch.utils.benchmark.utils.timer import timer as clock
 
 from lesa_mm.analysis import complexity_info
+from lesa_mm.utils.config import SCOPE_TASKS, config_task, default_scope
 
 R50_DCN = dict(dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
                stage_with_dcn=(False, True, True, True))
-#: The stock backbone of each family (``default_scope``).
-STOCK = dict(mmpretrain=dict(type='ResNet', depth=50),
-             mmdet=dict(type='ResNet', depth=50, **R50_DCN))
+#: The stock backbone of each task family (:func:`config_task`).
+STOCK = dict(classification=dict(type='ResNet', depth=50),
+             detection=dict(type='ResNet', depth=50, **R50_DCN))
 #: Keys of the config's backbone the stock backbone takes over.
 SHARED = ('stem_channels', 'base_channels', 'out_indices', 'frozen_stages',
           'norm_cfg', 'norm_eval')
@@ -82,14 +85,15 @@ def build_subject(spec):
                     pe_type='detection_qr', attn_impl=spec['name']), c
     cfg = Config.fromfile(spec['config'])
     cfg.merge_from_dict(spec['cfg_options'] or {})
-    scope = cfg.get('default_scope', 'mmdet')
-    if scope not in STOCK:
-        raise ValueError(f'no stock backbone for default_scope {scope!r} of '
-                         f'{spec["config"]}; known: {sorted(STOCK)}')
-    init_default_scope(scope)
+    task = config_task(cfg)
+    if task not in STOCK:
+        raise ValueError(f'no stock backbone for default_scope '
+                         f'{default_scope(cfg)!r} of {spec["config"]}; '
+                         f'known: {sorted(SCOPE_TASKS)}')
+    init_default_scope(default_scope(cfg))
     backbone = cfg.model.backbone
     if spec['name'] == 'stock':
-        backbone = dict(STOCK[scope],
+        backbone = dict(STOCK[task],
                         **{k: backbone[k] for k in SHARED if k in backbone})
     return MODELS.build(dict(backbone, with_cp=spec['with_cp'])), 3
 

@@ -8,10 +8,10 @@ random image through the model's data preprocessor (padding included).
 """
 import argparse
 
-from mmdet.models.detectors import BaseDetector
 from mmengine.config import DictAction
 
 from lesa_mm.analysis import build_eval_model, complexity_info, traced_inputs
+from lesa_mm.utils.config import model_task
 
 
 def parse_args(argv=None):
@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model = build_eval_model(args.config, args.cfg_options)
-    shape = args.shape or [1024 if isinstance(model, BaseDetector) else 224]
+    shape = args.shape or [1024 if model_task(model) == 'detection' else 224]
     model, inputs = traced_inputs(model, (shape[0], shape[-1]))
     if args.backbone_only:
         model = model.backbone

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import MODELS
 from ..utils import (boolean, init_convs_and_norms, positive_int,
-                     registered_layer_cfg)
+                     registered_layer_cfg, split_dcn_cfg)
 
 
 class LESABottleneck(BaseModule):
@@ -73,13 +73,11 @@ class LESABottleneck(BaseModule):
         super().__init__(init_cfg=init_cfg)
         out_channels = planes * self.expansion
         self.with_lesa = lesa is not None
-        if dcn is not None:
-            dcn = dict(dcn)
-            # mmdet's convention: optionally keep strided 3x3s ordinary.
-            # LESA's unary conv never strides, so it always takes the DCN.
-            if dcn.pop('fallback_on_stride', False) and stride > 1 \
-                    and not self.with_lesa:
-                dcn = None
+        dcn, fallback_on_stride = split_dcn_cfg(dcn)
+        # mmdet's convention: optionally keep strided 3x3s ordinary. LESA's
+        # unary conv never strides, so it always takes the DCN.
+        if fallback_on_stride and stride > 1 and not self.with_lesa:
+            dcn = None
         self.conv1 = build_conv_layer(
             conv_cfg, in_channels, width, 1, bias=False)
         self.add_module('bn1', build_norm_layer(norm_cfg, width)[1])

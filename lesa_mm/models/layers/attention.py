@@ -26,8 +26,6 @@ import torch.nn.functional as F
 from . import key_blocks
 from .logit_norm import LogitBatchNorm
 
-ATTENTION_IMPLS = ('fused', 'reference')
-
 
 def reference_attention(q, k, v, position, logit_norm, height, width):
     """The binary term's attention, computed as the spec writes it.
@@ -227,4 +225,6 @@ def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     return out[..., :dv]
 
 
+#: ``attn_impl`` -> the kernel of the binary term.
 ATTENTION_KERNELS = dict(fused=fused_attention, reference=reference_attention)
+ATTENTION_IMPLS = tuple(ATTENTION_KERNELS)

@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_mm.registry import ROOT_MODELS
 from ..utils import (boolean, channel_norm, init_convs_and_norms,
-                     positive_int, registered_layer_cfg)
+                     positive_int, registered_layer_cfg, split_dcn_cfg)
 from .attention import ATTENTION_IMPLS, ATTENTION_KERNELS, under_functorch
 from .fusion import build_fusion
 from .logit_norm import LogitBatchNorm
@@ -57,9 +57,8 @@ class LESAUnary(nn.Module):
     def __init__(self, in_channels, channels, groups, dcn=None,
                  norm_cfg=dict(type='BN')):
         super().__init__()
-        conv_cfg = None
-        if dcn is not None:
-            conv_cfg = {k: v for k, v in dcn.items() if k != 'fallback_on_stride'}
+        # LESA's unary conv never strides: fallback_on_stride has no use
+        conv_cfg, _ = split_dcn_cfg(dcn)
         self.conv = build_conv_layer(
             conv_cfg, in_channels, channels, kernel_size=3, padding=1,
             groups=groups, bias=False)

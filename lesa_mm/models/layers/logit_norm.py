@@ -58,17 +58,27 @@ class LogitBatchNorm(_BatchNorm):
             raise ValueError(f'LogitBatchNorm expects (N, C, L, L) logits, '
                              f'got {input.dim()}D input')
 
-    _check_non_zero_input_channels = \
-        nn.SyncBatchNorm._check_non_zero_input_channels
-
     def _syncs(self):
         return (self.sync and self.training and dist.is_available()
                 and dist.is_initialized() and dist.get_world_size() > 1)
 
     def forward(self, input):
-        if self._syncs():
-            return nn.SyncBatchNorm.forward(self, input)
-        return super().forward(input)
+        if not self._syncs():
+            return super().forward(input)
+        # the batch statistics of every process, as SyncBatchNorm's: the
+        # per-channel moments all-reduced (differentiably), then the
+        # normalisation of _BatchNorm
+        self._check_input_dim(input)
+        dims = (0, 2, 3)
+        mean, var = self._batch_moments(input.sum(dims),
+                                        input.square().sum(dims),
+                                        input.numel() // input.shape[1])
+        shape = (1, -1, 1, 1)
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) +
+                                                       self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
 
     def uses_batch_stats(self):
         """Whether it normalises with batch statistics (as in
@@ -88,7 +98,14 @@ class LogitBatchNorm(_BatchNorm):
         """
         if not self.uses_batch_stats():
             return self.running_scales()
-        sums, sq_sums, count = moments()
+        _, var = self._batch_moments(*moments())
+        return self._scales(var)
+
+    def _batch_moments(self, sums, sq_sums, count):
+        """Batch mean and biased variance from the per-channel sums, sums
+        of squares and element count, over every process when it syncs
+        (``torch.distributed.nn.functional.all_reduce``, differentiable);
+        updates the running statistics."""
         stats = torch.stack([sums, sq_sums, torch.full_like(sums, count)])
         if self._syncs():
             from torch.distributed.nn.functional import all_reduce
@@ -98,7 +115,7 @@ class LogitBatchNorm(_BatchNorm):
         mean = sums / count
         var = (sq_sums / count - mean.square()).clamp_min(0)
         self._update_running_stats(mean.detach(), var.detach(), count.detach())
-        return self._scales(var)
+        return mean, var
 
     def running_scales(self):
         """:meth:`scales` from the running variance (eval mode's)."""
