@@ -50,14 +50,14 @@ def detector(tmp_path_factory):
 
 def test_dynamic_export_runs_at_every_size(detector):
     """One dynamic export of the demo detector (random weights, calibrated
-    norms) runs in ONNX Runtime at other sizes, with the deploy graph's
+    norms) runs in ONNX Runtime at another size, with the deploy graph's
     outputs. (Its near-tied random scores make detections swap places
     under round-off; equality is checked on a trained detector below.)"""
     checkpoint, image, root = detector
     onnx_file = mmdeploy_compat.export(DYNAMIC, DEMO, checkpoint, image,
                                        str(root / 'dynamic'))
     assert os.path.isfile(onnx_file)
-    for size in [(128, 128), (96, 160)]:  # (height, width)
+    for size in [(96, 160)]:  # (height, width), exported at 128x128
         row = mmdeploy_compat.compare_with_onnxruntime(
             DYNAMIC, DEMO, checkpoint, onnx_file, image, size[::-1])
         assert row['size'] == size

@@ -42,7 +42,7 @@ CONFIGS = sorted(os.path.basename(p) for d in CONFIG_DIRS
                  for p in glob.glob(os.path.join(d, '*.py')))
 CLS_CONFIGS = [c for c in CONFIGS if c.endswith('_in1k.py')]
 DET_CONFIGS = [c for c in CONFIGS if c not in CLS_CONFIGS]
-FAST_DET = ('mask-rcnn_lesa-r50.py', 'mask-rcnn_sa-r50.py')
+FAST_DET = ('mask-rcnn_lesa-r50.py', )
 
 
 def config_path(name):
