@@ -386,14 +386,44 @@ def test_syncbn_norm_cfg_reaches_every_norm():
     assert torch.allclose(logit_norm.running_var, plain.running_var)
 
 
-def test_fused_refuses_a_logit_norm_replaced_after_building():
-    """A runner's sync_bn conversion swaps every _BatchNorm for a plain
-    SyncBatchNorm, which cannot give the fused kernels their scales: the
-    layer says so instead of computing something else."""
+def test_runner_sync_bn_conversion_works():
+    """MMEngine's runner converts a built model's norms for cfg.sync_bn,
+    which turns the logit norm into a plain SyncBatchNorm; the layer takes
+    it back, with the same parameter and buffer objects, when the runner
+    first calls train() or eval(), and computes what it computed (eval
+    mode: torch's SyncBatchNorm trains only on accelerators)."""
+    from mmengine.model import convert_sync_batchnorm
+    torch.manual_seed(0)
     layer = LESA(16, 16, feat_size=4, groups=2)
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer)
-    with pytest.raises(ValueError, match="norm_cfg=dict.type='SyncBN'"):
-        converted(torch.randn(1, 16, 4, 4))
+    calibrate = layer.train()(torch.randn(4, 16, 4, 4))  # non-trivial stats
+    assert calibrate.shape == (4, 16, 4, 4)
+    x = torch.randn(2, 16, 4, 4)
+    expected = copy.deepcopy(layer).eval()(x)
+    converted = convert_sync_batchnorm(layer, 'torch')
+    synced = converted.binary.logit_norm
+    assert type(synced) is torch.nn.SyncBatchNorm
+    params = {id(p) for p in converted.parameters()}
+    for mode in (True, False):  # the runner's train and test loops
+        converted.train(mode)
+        logit_norm = converted.binary.logit_norm
+        assert isinstance(logit_norm, LogitBatchNorm) and logit_norm.sync
+        assert logit_norm.training is mode
+        assert logit_norm.weight is synced.weight
+        assert logit_norm.running_var is synced.running_var
+        assert {id(p) for p in converted.parameters()} == params
+    torch.testing.assert_close(converted(x), expected)
+
+
+def test_fused_refuses_a_logit_norm_it_cannot_adopt():
+    """A logit norm replaced by something other than a SyncBatchNorm
+    conversion cannot give the fused kernels their scales: the layer says
+    so instead of computing something else."""
+    layer = LESA(16, 16, feat_size=4, groups=2)
+    layer.binary.logit_norm = torch.nn.GroupNorm(2, 4)
+    layer.train()
+    with pytest.raises(ValueError, match="dict.type='SyncBN'.*"
+                       "attn_impl='reference'"):
+        layer(torch.randn(1, 16, 4, 4))
 
 
 def test_detection_tables_interpolate_for_larger_inputs():

@@ -69,9 +69,10 @@ def fused_attention(q, k, v, position, logit_norm, height, width):
         raise ValueError(
             f'the fused LESA attention needs its LogitBatchNorm over logits, '
             f'got {type(logit_norm).__name__} (built from a non-BatchNorm '
-            f"norm_cfg, or replaced after building, e.g. by a runner's "
-            f"sync_bn conversion: set norm_cfg=dict(type='SyncBN') in the "
-            f"model instead); attn_impl='reference' takes any norm")
+            f'norm_cfg, or replaced after building by something other than '
+            f"a runner's sync_bn conversion, which the layer adopts); use a "
+            f"BatchNorm-type norm_cfg, e.g. dict(type='SyncBN'), or "
+            f"attn_impl='reference', which takes any norm")
     return position.fused_attention(q, k, v, logit_norm, height, width)
 
 

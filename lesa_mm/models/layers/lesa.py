@@ -129,6 +129,30 @@ class LESABinary(nn.Module):
     def pe_type(self):
         return self.position.pe_type
 
+    def train(self, mode=True):
+        self._adopt_synced_logit_norm()
+        return super().train(mode)
+
+    def _adopt_synced_logit_norm(self):
+        """A runner's ``sync_bn`` conversion (MMEngine's
+        ``convert_sync_batchnorm``, after the model is built, before it
+        trains or tests) replaces ``logit_norm`` by a plain SyncBatchNorm,
+        which cannot give the fused kernels their scales. Take it back as a
+        synchronised :class:`LogitBatchNorm` holding the same parameter and
+        buffer objects (those the optimizer and the DDP wrapper hold), so
+        that the conversion works; called by :meth:`train` and
+        :meth:`eval`, which the runner's loops call first."""
+        norm = self.logit_norm
+        if isinstance(norm, LogitBatchNorm) or not _is_sync_batchnorm(norm):
+            return
+        adopted = LogitBatchNorm(norm.num_features, norm.eps, norm.momentum,
+                                 norm.affine, norm.track_running_stats,
+                                 sync=True)
+        for name in ('weight', 'bias', 'running_mean', 'running_var',
+                     'num_batches_tracked'):
+            setattr(adopted, name, getattr(norm, name))
+        self.logit_norm = adopted
+
     def attention_macs(self, batch, height, width):
         """Multiply-accumulates of the attention on ``batch`` maps of
         ``height x width``, as the method defines it (``docs/lesa.md``,
@@ -197,6 +221,12 @@ class LESABinary(nn.Module):
         stacked = torch.stack(outs, dim=3)  # (N, g, dv, outputs, L)
         normed = self.out_norm(stacked.reshape(n, -1, h, w))
         return normed.view(n, -1, len(outs), h, w).sum(dim=2)
+
+
+def _is_sync_batchnorm(norm):
+    """torch's or mmcv's SyncBatchNorm (the two ``sync_bn`` conversions)."""
+    from mmcv.ops import SyncBatchNorm as MMSyncBatchNorm
+    return isinstance(norm, (nn.SyncBatchNorm, MMSyncBatchNorm))
 
 
 @contextlib.contextmanager
