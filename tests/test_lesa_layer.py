@@ -479,3 +479,17 @@ def test_attention_maps_are_rows_of_the_reference_attention(pe_type, size):
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match=r'query indices must lie in \[0, '):
         layer.binary.attention_maps(x, [size[0] * size[1]])
+
+
+def test_binary_key_parts_read_the_layer_layout():
+    from lesa_mm.models.layers.lesa import binary_key_parts
+    layer = LESA(16, 16, feat_size=4, groups=2)
+    parts = {k: binary_key_parts('layer3.1.conv2.' + k)
+             for k in layer.state_dict()}
+    binary = {k: v for k, v in parts.items() if k.startswith('binary.')}
+    assert binary and all(v[0] == 'layer3.1.conv2' for v in binary.values())
+    assert {v[1] for v in binary.values()} == {
+        name for name, _ in layer.binary.named_children()}
+    assert parts['binary.position.rel_height'] == ('layer3.1.conv2',
+                                                   'position', 'rel_height')
+    assert all(v is None for k, v in parts.items() if k not in binary)

@@ -36,7 +36,6 @@ naming the key.
 """
 import logging
 import os
-import re
 from collections import OrderedDict
 
 import torch
@@ -44,10 +43,9 @@ from mmengine.model.weight_init import PretrainedInit, update_init_info
 
 from lesa_mm.registry import WEIGHT_INITIALIZERS
 
+from lesa_mm.models.layers.lesa import binary_key_parts
 from .official_checkpoint import convert
 
-_LESA_MODULE = re.compile(r'(.*\.conv2)\.binary\.(position|logit_norm|out_norm)'
-                          r'\.(.+)')
 _NORM_STATS = ('weight', 'bias', 'running_mean', 'running_var')
 
 
@@ -85,7 +83,7 @@ def _owner_loads(key, src):
 
 def _lesa_layer_in(key, src):
     """Whether ``src`` holds anything of the LESA layer of ``key``."""
-    layer = _LESA_MODULE.fullmatch(key).group(1) + '.'
+    layer = binary_key_parts(key)[0] + '.'
     return any(k.startswith(layer) for k in src)
 
 
@@ -128,13 +126,13 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
     zero_offsets, problems, missing = [], [], []
 
     for key, value in target.items():
-        lesa = _LESA_MODULE.fullmatch(key)
+        lesa = binary_key_parts(key)  # (layer, part, name) or None
         if key in src and src[key].shape == value.shape:
             out[key] = src[key]
             used.add(key)
             continue
         position = _position_module(model, key) \
-            if lesa and lesa.group(2) == 'position' else None
+            if lesa and lesa[1] == 'position' else None
         if position is not None and key in src and \
                 _other_size(position, key, src[key].shape, value.shape):
             used.add(key)
@@ -157,8 +155,8 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
             out[key] = value
             reinit_tables.append(key)
             continue
-        if lesa and lesa.group(2) == 'logit_norm' and key in src and \
-                lesa.group(3) in _NORM_STATS:
+        if lesa and lesa[1] == 'logit_norm' and key in src and \
+                lesa[2] in _NORM_STATS:
             # source [S_qk, S_qr, S_kr] (3g), target [S_qk, S_r] (2g)
             groups = value.shape[0] // 2
             if src[key].shape[0] != 3 * groups:
@@ -171,8 +169,8 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
             used.add(key)
             reinit_pos_norms.append(key)
             continue
-        if lesa and lesa.group(2) == 'out_norm' and key in src and \
-                lesa.group(3) in _NORM_STATS:
+        if lesa and lesa[1] == 'out_norm' and key in src and \
+                lesa[2] in _NORM_STATS:
             # interleaved [o_v[0], o_e[0], o_v[1], ...] (2C) -> o_v (C)
             if src[key].shape[0] != 2 * value.shape[0]:
                 problems.append(f'{key}: checkpoint {tuple(src[key].shape)} '
@@ -196,7 +194,7 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
 
     dropped_tables = [
         k for k in src if k not in used and k not in target
-        and re.fullmatch(r'.*\.binary\.position\.\w+', k)
+        and (binary_key_parts(k) or (None, None))[1] == 'position'
     ]
     unexpected = [k for k in src
                   if k not in used and k not in target
@@ -206,7 +204,7 @@ def _adapt(src, model, dropped_outside, position_tables='keep'):
                            if k not in used and k not in dropped_tables)
 
     def layers(keys):
-        return sorted({_LESA_MODULE.fullmatch(k).group(1) for k in keys})
+        return sorted({binary_key_parts(k)[0] for k in keys})
 
     info, warning = logging.INFO, logging.WARNING
     notes = []
@@ -306,7 +304,7 @@ def _resize_tables(model, resized):
         from mmengine.logging import print_log
         layers = {}
         for key in resized:
-            layer = key.rsplit('.binary.position.', 1)[0]
+            layer = binary_key_parts(key)[0]
             layers[layer] = _position_module(model, key).feat_size
         sizes = ', '.join(f'{layer}: {h}x{w}'
                           for layer, (h, w) in layers.items())

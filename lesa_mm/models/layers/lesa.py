@@ -18,6 +18,7 @@ it term by term.
 """
 import contextlib
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -221,6 +222,20 @@ class LESABinary(nn.Module):
         stacked = torch.stack(outs, dim=3)  # (N, g, dv, outputs, L)
         normed = self.out_norm(stacked.reshape(n, -1, h, w))
         return normed.view(n, -1, len(outs), h, w).sum(dim=2)
+
+
+#: A state-dict key under a LESA layer's binary term.
+_BINARY_KEY = re.compile(r'(.+)\.binary\.(\w+)\.(.+)')
+
+
+def binary_key_parts(key):
+    """``(layer, part, name)`` of a state-dict key under the binary term of
+    a LESA layer, e.g. ``'layer3.1.conv2.binary.position.rel_height'`` ->
+    ``('layer3.1.conv2', 'position', 'rel_height')``; None for any other
+    key. The one statement of the layer's layout that checkpoint adaptation
+    reads (:mod:`lesa_mm.utils.transfer`)."""
+    match = _BINARY_KEY.fullmatch(key)
+    return match.groups() if match else None
 
 
 def _is_sync_batchnorm(norm):
