@@ -169,8 +169,12 @@ class LESABinary(nn.Module):
         return batch * self.groups * per_head
 
     def split_heads(self, x):
-        """``q (N,g,dq,L)``, ``k (N,g,dq,L)``, ``v (N,g,dv,L)`` of ``x``."""
+        """``q (N,g,dq,L)``, ``k (N,g,dq,L)``, ``v (N,g,dv,L)`` of ``x``,
+        whose size the position encoding must serve: the one place the
+        input size is checked (every path of the binary term, and so of the
+        layer, starts here)."""
         n, _, h, w = x.shape
+        self.position.check_size(h, w)
         t = self.qkv_norm(self.qkv(x))
         t = t.view(n, self.groups, 2 * self.head_channels + self.value_channels,
                    h * w)
@@ -191,7 +195,6 @@ class LESABinary(nn.Module):
             Tensor: ``(N, g, len(queries), H, W)``, each map summing to 1.
         """
         n, _, h, w = x.shape
-        self.position.check_size(h, w)
         index = torch.as_tensor(queries, device=x.device, dtype=torch.long)
         if index.numel() == 0 or index.min() < 0 or index.max() >= h * w:
             raise ValueError(f'query indices must lie in [0, {h * w}) for a '
@@ -206,7 +209,6 @@ class LESABinary(nn.Module):
 
     def forward(self, x):
         n, _, h, w = x.shape
-        self.position.check_size(h, w)
         q, k, v = self.split_heads(x)
         impl = self.attn_impl
         if impl == 'fused' and under_functorch(q):
@@ -408,7 +410,6 @@ class LESA(BaseModule):
         if x.numel() == 0:
             raise ValueError(f'LESA needs a non-empty input (N, H, W >= 1), '
                              f'got shape {tuple(x.shape)}')
-        self.binary.position.check_size(x.shape[2], x.shape[3])
 
     def _term(self, term, x):
         if self.with_cp and torch.is_grad_enabled():
@@ -421,7 +422,7 @@ class LESA(BaseModule):
     def forward(self, x):
         self._check_input(x)
         u = None if self.unary is None else self._term(self.unary, x)
-        b = self._term(self.binary, x)
+        b = self._term(self.binary, x)  # checks the size (split_heads)
         y = b if u is None else self.fusion(u, b)
         if self.pool is not None:
             y = self.pool(y)

@@ -354,7 +354,6 @@ class FlattenedRelPos1d(RelativePosition):
         """``(Eq, Ek, Ev)`` gathered to ``(c, L, L)`` with
         ``[:, i, j] -> E[:, i - j + K - 1]`` (offset first index minus
         second)."""
-        self.check_size(height, width)
         length = height * width
         index = relative_index(length, length, length - 1,
                                self.relative.device).t()
