@@ -338,3 +338,29 @@ def test_load_state_dict_of_a_fitting_state_is_untouched(tmp_path):
     del bad['layer2.0.conv1.weight']
     result = model.load_state_dict(bad, strict=False)
     assert result.missing_keys == ['layer2.0.conv1.weight']
+
+
+@pytest.mark.parametrize('strides', [(1, 2, 2, 1), (1, 2, 2, 2)])
+def test_input_size_gives_each_stage_its_size(strides):
+    """``input_size`` derives each stage's feature size; the derived sizes
+    are the stages' real output sizes (odd sides included), and the LESA
+    layers' tables are built for them."""
+    from lesa_mm.models.backbones.lesa_resnet import stage_sizes
+    for size in [(97, 161), (33, 47), (224, 224), (7, 1), (257, 255)]:
+        model = LESAResNet(depth=50, stem_channels=8, base_channels=8,
+                           strides=strides, input_size=size,
+                           pe_type='detection_qr', out_indices=(0, 1, 2, 3))
+        model.eval()
+        with torch.no_grad():
+            outs = model(torch.randn(1, 3, *size))
+        assert [tuple(o.shape[-2:]) for o in outs] == list(
+            stage_sizes(size, strides))
+        last = model.layer4[-1].conv2
+        assert last.feat_size == stage_sizes(size, strides)[3]
+    assert LESAResNet(depth=50, base_channels=8, stem_channels=8).layer4[
+        1].conv2.feat_size == (14, 14)  # the default: 224
+    with pytest.raises(ValueError, match='feat_sizes or input_size, not both'):
+        LESAResNet(depth=50, input_size=224, feat_sizes=(56, 28, 14, 14))
+    with pytest.raises(ValueError, match=r'input_size must be an int or '
+                       r'\(height, width\).*got 0'):
+        LESAResNet(depth=50, input_size=0)

@@ -25,6 +25,28 @@ from ..utils import (boolean, init_convs_and_norms, positive_int,
                      registered_layer_cfg, split_dcn_cfg)
 
 
+def stage_sizes(input_size, strides, owner='LESAResNet'):
+    """Each stage's output size ``(h, w)`` for images of ``input_size``
+    (side, or height and width): the stem (a stride-2 convolution, then a
+    stride-2 max pool) gives ``ceil(side / 4)``, each stage of stride ``s``
+    divides by ``s`` rounding up, as the padded strided convolutions and
+    LESA's ``ceil_mode`` pooling do."""
+    size = to_2tuple(input_size)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(
+            v, numbers.Integral) or v < 1 for v in size):
+        raise ValueError(f'{owner} input_size must be an int or (height, '
+                         f'width) of ints >= 1, got {input_size!r}')
+    if not isinstance(strides, Sequence) or isinstance(strides, str):
+        raise ValueError(f'{owner} strides must be a sequence, got '
+                         f'{strides!r}')
+    size = tuple(math.ceil(v / 4) for v in size)
+    sizes = []
+    for stride in strides:
+        size = tuple(math.ceil(v / stride) for v in size)
+        sizes.append(size)
+    return tuple(sizes)
+
+
 class LESABottleneck(BaseModule):
     """ResNet bottleneck (torchvision "v1.5": stride on the 3x3) whose 3x3
     convolution may be a LESA layer.
@@ -144,11 +166,17 @@ class LESAResNet(BaseModule):
             channels; 128 gives WRN-50-2. Defaults to 64.
         strides (Sequence[int]): Stride of each stage.
             Defaults to ``(1, 2, 2, 1)``.
-        feat_sizes (Sequence[int | tuple[int, int]]): Output feature size
-            (side, or height and width) of each stage; a LESA layer's
-            position tables are built for its *input* size (``feat_size *
-            stride`` for a strided first block).
-            Defaults to ``(56, 28, 14, 14)`` (224 input, output stride 16).
+        feat_sizes (Sequence[int | tuple[int, int]], optional): Output
+            feature size (side, or height and width) of each stage; a LESA
+            layer's position tables are built for its *input* size
+            (``feat_size * stride`` for a strided first block). Defaults to
+            those of ``input_size``.
+        input_size (int | tuple[int, int], optional): The image size the
+            position tables are built for, as one value: each stage's size
+            is derived from it and the strides (the stem divides by 4, a
+            stride-2 stage halves, odd sides rounding up, as the layers
+            do). Give it or ``feat_sizes``, not both. Defaults to 224 when
+            neither is given (``(56, 28, 14, 14)`` with the default strides).
         stage_with_lesa (Sequence[bool]): Stages whose 3x3 convs are LESA
             layers; any stage may. Defaults to ``(False, False, True, True)``.
         stage_with_first_conv (Sequence[bool]): In a LESA stage, whether the
@@ -208,7 +236,8 @@ class LESAResNet(BaseModule):
                  base_channels=64,
                  width_per_group=64,
                  strides=(1, 2, 2, 1),
-                 feat_sizes=(56, 28, 14, 14),
+                 feat_sizes=None,
+                 input_size=None,
                  stage_with_lesa=(False, False, True, True),
                  stage_with_first_conv=(True, True, True, False),
                  pe_type='classification',
@@ -254,7 +283,13 @@ class LESAResNet(BaseModule):
         registered_layer_cfg(owner, 'lesa', lesa, dict(type='LESA'))
         if isinstance(out_indices, numbers.Integral):
             out_indices = (out_indices, )
-        for name, value in (('strides', strides), ('feat_sizes', feat_sizes),
+        if feat_sizes is not None and input_size is not None:
+            raise ValueError(
+                f'{owner} takes feat_sizes or input_size, not both; got '
+                f'feat_sizes={feat_sizes!r} and input_size={input_size!r}')
+        for name, value in (('strides', strides),
+                            ('feat_sizes', strides if feat_sizes is None
+                             else feat_sizes),
                             ('stage_with_lesa', stage_with_lesa),
                             ('stage_with_first_conv', stage_with_first_conv),
                             ('stage_with_dcn', stage_with_dcn),
@@ -267,6 +302,9 @@ class LESAResNet(BaseModule):
                                  f'stage ({num_stages}), got {value!r}')
         strides = tuple(positive_int(owner, 'strides entry', s)
                         for s in strides)
+        if feat_sizes is None:
+            feat_sizes = stage_sizes(
+                224 if input_size is None else input_size, strides, owner)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(num_stages)
                                   for i in out_indices):
