@@ -29,7 +29,7 @@ from mmengine.analysis.print_helper import (_format_size,
                                             complexity_stats_str,
                                             complexity_stats_table)
 
-from lesa_mm.models.layers.lesa import LESABinary
+from lesa_mm.models.layers.binary import LESABinary
 
 EINSUM_KEY, SDPA_KEY, DEFORM_KEY = 'einsum', 'sdpa', 'deform_conv'
 ATTENTION_KEY = 'lesa_attention'

@@ -482,7 +482,7 @@ def test_attention_maps_are_rows_of_the_reference_attention(pe_type, size):
 
 
 def test_binary_key_parts_read_the_layer_layout():
-    from lesa_mm.models.layers.lesa import binary_key_parts
+    from lesa_mm.models.layers.binary import binary_key_parts
     layer = LESA(16, 16, feat_size=4, groups=2)
     parts = {k: binary_key_parts('layer3.1.conv2.' + k)
              for k in layer.state_dict()}

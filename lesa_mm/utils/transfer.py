@@ -43,7 +43,7 @@ from mmengine.model.weight_init import PretrainedInit, update_init_info
 
 from lesa_mm.registry import WEIGHT_INITIALIZERS
 
-from lesa_mm.models.layers.lesa import binary_key_parts
+from lesa_mm.models.layers.binary import binary_key_parts
 from .official_checkpoint import convert
 
 _NORM_STATS = ('weight', 'bias', 'running_mean', 'running_var')
