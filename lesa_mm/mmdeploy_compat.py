@@ -82,14 +82,15 @@ def apply():
     _applied = True
 
 
-def check_lesa_opset(deploy_cfg, model):
-    """Raise a ValueError if ``model`` has LESA layers and the deploy
-    config's ONNX opset is below :data:`MIN_OPSET`."""
+def check_lesa_opset(deploy_cfg, build_model):
+    """Raise a ValueError if the deploy config's ONNX opset is below
+    :data:`MIN_OPSET` and the model (``build_model()``, called only then)
+    has LESA layers."""
     from lesa_mm.models import LESA
-    if not any(isinstance(m, LESA) for m in model.modules()):
-        return
     opset = deploy_cfg.get('onnx_config', {}).get('opset_version', 11)
-    if opset < MIN_OPSET:
+    if opset >= MIN_OPSET:
+        return
+    if any(isinstance(m, LESA) for m in build_model().modules()):
         raise ValueError(
             f'a LESA model exports exactly through MMDeploy from ONNX opset '
             f'{MIN_OPSET} (scaled_dot_product_attention needs 14, MMDeploy\'s '
@@ -103,8 +104,7 @@ def _load(deploy_cfg, model_cfg):
     return load_config(deploy_cfg, model_cfg)
 
 
-def export(deploy_cfg, model_cfg, checkpoint, image, work_dir,
-           input_shape=None):
+def export(deploy_cfg, model_cfg, checkpoint, image, work_dir):
     """MMDeploy's ``torch2onnx`` with :func:`apply` and
     :func:`check_lesa_opset`; returns the path of the ONNX file.
 
@@ -112,10 +112,10 @@ def export(deploy_cfg, model_cfg, checkpoint, image, work_dir,
         deploy_cfg, model_cfg (str | Config): MMDeploy's deploy config and
             the model's config.
         checkpoint (str): The model's checkpoint.
-        image (str): An image the export traces with.
+        image (str): An image the export traces with (resized as the
+            deploy config's ``input_shape`` or the model's test pipeline
+            says).
         work_dir (str): Where the ONNX file is written.
-        input_shape (tuple[int, int], optional): ``(width, height)`` the
-            image is resized to (the static configs' fixed size).
     """
     import os.path as osp
 
@@ -123,9 +123,8 @@ def export(deploy_cfg, model_cfg, checkpoint, image, work_dir,
     from mmdeploy.apis.utils import build_task_processor
     apply()
     deploy_cfg, model_cfg = _load(deploy_cfg, model_cfg)
-    model = build_task_processor(model_cfg, deploy_cfg,
-                                 'cpu').build_pytorch_model(checkpoint)
-    check_lesa_opset(deploy_cfg, model)
+    check_lesa_opset(deploy_cfg, lambda: build_task_processor(
+        model_cfg, deploy_cfg, 'cpu').build_pytorch_model(checkpoint))
     save_file = deploy_cfg.onnx_config.save_file
     torch2onnx(image, work_dir, save_file, deploy_cfg, model_cfg, checkpoint,
                device='cpu')
@@ -134,17 +133,20 @@ def export(deploy_cfg, model_cfg, checkpoint, image, work_dir,
 
 @torch.no_grad()
 def compare_with_onnxruntime(deploy_cfg, model_cfg, checkpoint, onnx_file,
-                             image, input_shape=None):
+                             image, input_shapes=(None, )):
     """Run the exported detector in ONNX Runtime and the same deploy graph
     (the model with MMDeploy's rewrites, as it was exported) in PyTorch on
-    ``image`` resized to ``input_shape`` ``(width, height)``.
+    ``image`` resized to each of ``input_shapes`` (``(width, height)``, or
+    None for the model's test pipeline); the model and the ONNX Runtime
+    session are built once.
 
     Returns:
-        dict: ``size`` (h, w), ``detections``, the largest absolute
-        differences of the ``boxes`` (pixels), ``scores`` and ``masks``
-        (probabilities), whether the ``labels`` agree, and the times of one
-        run (after a first one) of the model's own inference in PyTorch
-        (``torch_s``) and of the export in ONNX Runtime (``ort_s``).
+        list[dict]: One per input shape: ``size`` (h, w), ``detections``,
+        the largest absolute differences of the ``boxes`` (pixels),
+        ``scores`` and ``masks`` (probabilities), whether the ``labels``
+        agree, and the times of one run (after a first one) of the model's
+        own inference in PyTorch (``torch_s``) and of the export in ONNX
+        Runtime (``ort_s``).
     """
     import time
 
@@ -156,47 +158,48 @@ def compare_with_onnxruntime(deploy_cfg, model_cfg, checkpoint, onnx_file,
     deploy_cfg, model_cfg = _load(deploy_cfg, model_cfg)
     task = build_task_processor(model_cfg, deploy_cfg, 'cpu')
     model = task.build_pytorch_model(checkpoint)
-    data, inputs = task.create_input(
-        image, input_shape, data_preprocessor=model.data_preprocessor)
     backend = get_backend(deploy_cfg).value
     opset = get_ir_config(deploy_cfg).get('opset_version', 11)
     patched = patch_model(model, cfg=deploy_cfg, backend=backend, ir=IR.ONNX)
+    session = ort.InferenceSession(onnx_file,
+                                   providers=['CPUExecutionProvider'])
+
     def timed(run):  # the second of two runs (the first warms up)
         run()
         start = time.perf_counter()
         out = run()
         return out, time.perf_counter() - start
 
-    def deploy_graph():
-        with RewriterContext(cfg=deploy_cfg, backend=backend, ir=IR.ONNX,
-                             opset=opset):
-            return patched.forward(inputs, data['data_samples'],
-                                   mode='predict')
-
-    expected = deploy_graph()
-    # the model's own inference in PyTorch, for the time (the deploy graph
-    # in PyTorch re-patches MMDeploy's rewrites at every call)
-    _, torch_s = timed(lambda: model.forward(inputs, data['data_samples'],
-                                             mode='predict'))
-    session = ort.InferenceSession(onnx_file,
-                                   providers=['CPUExecutionProvider'])
-    got, ort_s = timed(lambda: session.run(None, {'input': inputs.numpy()}))
-    dets, labels, masks = (torch.from_numpy(v) for v in got)
-    ref_dets, ref_labels, ref_masks = expected
-    if dets.shape != ref_dets.shape or masks.shape != ref_masks.shape:
-        raise AssertionError(
-            f'ONNX Runtime gives {tuple(dets.shape)} detections and masks '
-            f'{tuple(masks.shape)}, PyTorch {tuple(ref_dets.shape)} and '
-            f'{tuple(ref_masks.shape)}')
-
     def max_diff(a, b):
         return (a.float() - b.float()).abs().max().item() if a.numel() \
             else 0.0
 
-    return dict(size=tuple(inputs.shape[-2:]),
-                detections=int(dets.shape[1]),
-                boxes=max_diff(dets[..., :4], ref_dets[..., :4]),
-                scores=max_diff(dets[..., 4], ref_dets[..., 4]),
-                masks=max_diff(masks, ref_masks),
-                labels_equal=bool(torch.equal(labels, ref_labels)),
-                torch_s=torch_s, ort_s=ort_s)
+    rows = []
+    for input_shape in input_shapes:
+        data, inputs = task.create_input(
+            image, input_shape, data_preprocessor=model.data_preprocessor)
+        with RewriterContext(cfg=deploy_cfg, backend=backend, ir=IR.ONNX,
+                             opset=opset):
+            expected = patched.forward(inputs, data['data_samples'],
+                                       mode='predict')
+        # the model's own inference in PyTorch, for the time (the deploy
+        # graph in PyTorch re-patches MMDeploy's rewrites at every call)
+        _, torch_s = timed(lambda: model.forward(
+            inputs, data['data_samples'], mode='predict'))
+        got, ort_s = timed(
+            lambda: session.run(None, {'input': inputs.numpy()}))
+        dets, labels, masks = (torch.from_numpy(v) for v in got)
+        ref_dets, ref_labels, ref_masks = expected
+        if dets.shape != ref_dets.shape or masks.shape != ref_masks.shape:
+            raise AssertionError(
+                f'ONNX Runtime gives {tuple(dets.shape)} detections and '
+                f'masks {tuple(masks.shape)}, PyTorch '
+                f'{tuple(ref_dets.shape)} and {tuple(ref_masks.shape)}')
+        rows.append(dict(
+            size=tuple(inputs.shape[-2:]), detections=int(dets.shape[1]),
+            boxes=max_diff(dets[..., :4], ref_dets[..., :4]),
+            scores=max_diff(dets[..., 4], ref_dets[..., 4]),
+            masks=max_diff(masks, ref_masks),
+            labels_equal=bool(torch.equal(labels, ref_labels)),
+            torch_s=torch_s, ort_s=ort_s))
+    return rows

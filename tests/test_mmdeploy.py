@@ -58,8 +58,8 @@ def test_dynamic_export_runs_at_every_size(detector):
                                        str(root / 'dynamic'))
     assert os.path.isfile(onnx_file)
     for size in [(96, 160)]:  # (height, width), exported at 128x128
-        row = mmdeploy_compat.compare_with_onnxruntime(
-            DYNAMIC, DEMO, checkpoint, onnx_file, image, size[::-1])
+        (row, ) = mmdeploy_compat.compare_with_onnxruntime(
+            DYNAMIC, DEMO, checkpoint, onnx_file, image, [size[::-1]])
         assert row['size'] == size
         assert row['detections'] > 0, row
         assert row['masks'] <= 1 and row['scores'] <= 1, row
@@ -175,6 +175,6 @@ def test_stock_detector_exports_at_mmdeploys_default_opset(tmp_path):
                                        str(tmp_path / 'onnx'))
     import onnx
     assert onnx.load(onnx_file).opset_import[0].version == 11
-    row = mmdeploy_compat.compare_with_onnxruntime(cfg, config, checkpoint,
-                                                   onnx_file, image)
+    (row, ) = mmdeploy_compat.compare_with_onnxruntime(
+        cfg, config, checkpoint, onnx_file, image)
     assert row['size'] == (128, 128)

@@ -50,20 +50,19 @@ def main(argv=None):
                                        args.checkpoint, args.image,
                                        args.work_dir)
     print(f'exported {onnx_file}')
-    rows = []
+    rows = mmdeploy_compat.compare_with_onnxruntime(
+        args.deploy_cfg, args.model_cfg, args.checkpoint, onnx_file,
+        args.image, [None] if args.sizes is None else
+        [size[::-1] for size in args.sizes])
     print('| input (HxW) | detections | max box diff (px) | max score diff '
           '| max mask diff | labels equal | PyTorch | ONNX Runtime |\n'
           '|---|---:|---:|---:|---:|---|---:|---:|')
-    for size in args.sizes or [None]:
-        row = mmdeploy_compat.compare_with_onnxruntime(
-            args.deploy_cfg, args.model_cfg, args.checkpoint, onnx_file,
-            args.image, None if size is None else size[::-1])
-        rows.append(row)
+    for row in rows:
         print(f'| {row["size"][0]}x{row["size"][1]} | {row["detections"]} | '
               f'{row["boxes"]:.1e} | {row["scores"]:.1e} | '
-              f'{row["masks"]:.1e} | '
-              f'{row["labels_equal"]} | {row["torch_s"] * 1000:.0f} ms | '
-              f'{row["ort_s"] * 1000:.0f} ms |')
+              f'{row["masks"]:.1e} | {row["labels_equal"]} | '
+              f'{row["torch_s"] * 1000:.0f} ms | {row["ort_s"] * 1000:.0f} '
+              f'ms |')
     return onnx_file, rows
 
 
