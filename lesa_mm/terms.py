@@ -149,3 +149,11 @@ def format_table(stats):
         lines.append(f'| {name} | {row["kind"]} | ' + ' | '.join(cells) +
                      ' |')
     return '\n'.join(lines)
+
+
+def measure_checkpoint(config, checkpoint, num_images=16):
+    """:func:`measure_terms` of ``config``'s model with ``checkpoint``'s
+    weights over the first ``num_images`` images of its test set."""
+    from lesa_mm.utils import load_model
+    cfg, model = load_model(config, checkpoint)
+    return measure_terms(model, dataset_inputs(cfg, model, num_images))

@@ -17,9 +17,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
     __file__)))))
 
-from lesa_mm.terms import (dataset_inputs, format_table,  # noqa: E402
-                           measure_terms)
-from lesa_mm.utils import load_model  # noqa: E402
+from lesa_mm.terms import format_table, measure_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,8 +32,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, model = load_model(args.config, args.checkpoint)
-    stats = measure_terms(model, dataset_inputs(cfg, model, args.num_images))
+    stats = measure_checkpoint(args.config, args.checkpoint, args.num_images)
     print(format_table(stats))
     if args.out:
         with open(args.out, 'w') as f:

@@ -24,11 +24,11 @@ import time
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
+from mmengine.runner import find_latest_checkpoint  # noqa: E402
+
 from lesa_mm.analysis import (build_eval_model,  # noqa: E402
                               complexity_info, traced_inputs)
-from lesa_mm.terms import dataset_inputs, format_table  # noqa: E402
-from lesa_mm.terms import measure_terms  # noqa: E402
-from lesa_mm.utils import load_model  # noqa: E402
+from lesa_mm.terms import format_table, measure_checkpoint  # noqa: E402
 from lesa_mm.utils.curves import load_scalars  # noqa: E402
 
 #: task -> the variants' configs, the metrics reported (label, key,
@@ -75,11 +75,6 @@ def train(config, work_dir):
     return time.perf_counter() - start
 
 
-def last_checkpoint(work_dir):
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read().strip()
-
-
 def comparison_table(task, rows):
     """Markdown table of the variants' results."""
     metrics = DEMOS[task]['metrics']
@@ -115,9 +110,8 @@ def main(argv=None):
                          params=info['params'], flops=info['flops'],
                          wall_s=wall))
         if variant != 'convolution':
-            cfg, trained = load_model(config, last_checkpoint(work_dir))
-            terms[variant] = measure_terms(
-                trained, dataset_inputs(cfg, trained, args.num_images))
+            terms[variant] = measure_checkpoint(
+                config, find_latest_checkpoint(work_dir), args.num_images)
     print(comparison_table(args.task, rows))
     for variant, stats in terms.items():
         print(f'\n{variant}: terms of each attention layer, mean over '
