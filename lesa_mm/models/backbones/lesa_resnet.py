@@ -27,18 +27,16 @@ from ..utils import (boolean, init_convs_and_norms, positive_int,
 
 def stage_sizes(input_size, strides, owner='LESAResNet'):
     """Each stage's output size ``(h, w)`` for images of ``input_size``
-    (side, or height and width): the stem (a stride-2 convolution, then a
-    stride-2 max pool) gives ``ceil(side / 4)``, each stage of stride ``s``
-    divides by ``s`` rounding up, as the padded strided convolutions and
-    LESA's ``ceil_mode`` pooling do."""
+    (side, or height and width) and the stages' ``strides`` (ints): the
+    stem (a stride-2 convolution, then a stride-2 max pool) gives
+    ``ceil(side / 4)``, each stage of stride ``s`` divides by ``s`` rounding
+    up, as the padded strided convolutions and LESA's ``ceil_mode`` pooling
+    do."""
     size = to_2tuple(input_size)
     if len(size) != 2 or any(isinstance(v, bool) or not isinstance(
             v, numbers.Integral) or v < 1 for v in size):
         raise ValueError(f'{owner} input_size must be an int or (height, '
                          f'width) of ints >= 1, got {input_size!r}')
-    if not isinstance(strides, Sequence) or isinstance(strides, str):
-        raise ValueError(f'{owner} strides must be a sequence, got '
-                         f'{strides!r}')
     size = tuple(math.ceil(v / 4) for v in size)
     sizes = []
     for stride in strides:
