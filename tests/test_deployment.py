@@ -82,8 +82,8 @@ def test_legacy_exporter_serves_every_size(tmp_path, attn_impl):
 @pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
 def test_classification_layer_through_both_exporters(tmp_path, dynamo,
                                                      attn_impl):
-    """The 'classification' kernels (the Toeplitz reads of the fused one)
-    at their one size, non-square, batch 2."""
+    """The 'classification' kernels (the fused one's products over sliding
+    windows of the table) at their one size, non-square, batch 2."""
     torch.manual_seed(0)
     layer = randomize_norms(LESA(64, 64, feat_size=(7, 6), groups=8,
                                  pe_type='classification',

@@ -139,22 +139,23 @@ def test_autocast_outputs_and_gradients(dtype):
     assert rel < 0.05
 
 
-@pytest.mark.parametrize('length', [1, 2, 5])
-def test_skew_and_unskew(length, monkeypatch):
-    """``skew`` reads ``x[i, j - i + L - 1]``; ``unskew`` writes ``y[i, j]``
-    there, zeros elsewhere: eager (a strided copy) and under graph capture
-    (two pads) alike."""
-    from lesa_mm.models.layers import position
-    x = torch.randn(2, length, 2 * length - 1)
-    y = torch.randn(2, length, length)
+@pytest.mark.parametrize('size', [(1, 1), (1, 2), (2, 3), (3, 3)])
+def test_classification_tables_read_each_window(size):
+    """``tables`` holds at ``[:, i, j]`` the table column of the offset
+    ``i - j`` (column ``i - j + L - 1``) for every pair, as the spec's
+    flattened index ``i - j + L - 1`` reads it."""
+    from lesa_mm.models.layers.position import FlattenedRelPos1d
+    position = FlattenedRelPos1d(size, 2, 3)
+    length = size[0] * size[1]
     i, j = torch.meshgrid(torch.arange(length), torch.arange(length),
                           indexing='ij')
-    assert torch.equal(position.skew(x), x[:, i, j - i + length - 1])
-    expected = torch.zeros_like(x)
-    expected[:, i, j - i + length - 1] = y
-    assert torch.equal(position.unskew(y), expected)
-    monkeypatch.setattr(key_blocks, 'is_graph_capture', lambda: True)
-    assert torch.equal(position.unskew(y), expected)
+    expected = position.relative[:, i - j + length - 1]
+    tables = position.tables(*size)
+    assert [t.shape for t in tables] == [(2, length, length)] * 2 + [
+        (3, length, length)]
+    assert torch.equal(torch.cat(tables), expected)
+    assert torch.cat(position.tables(*size, torch.float64)).dtype == \
+        torch.float64
 
 
 # --------------------------------------------------------------------------
@@ -343,8 +344,8 @@ def test_key_blocks_under_autocast(dtype, monkeypatch, block_calls):
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 @pytest.mark.parametrize('feat', [(7, 6), (1, 5)], ids=['7x6', '1x5'])
 def test_classification_kernel_equals_reference_in_float64(mode, feat):
-    """The classification kernel (closed-form batch statistics, Toeplitz
-    reads of the table) is an exact reformulation: in float64 its outputs,
+    """The classification kernel (closed-form batch statistics, products
+    over sliding windows of the table) is an exact reformulation: in float64 its outputs,
     gradients and running statistics equal the reference kernel's to
     round-off."""
     fused, reference = fused_and_reference(16, 32, 4, 'classification', feat)
@@ -356,7 +357,7 @@ def test_classification_kernel_equals_reference_in_float64(mode, feat):
 
 def test_classification_kernel_on_a_single_position():
     """A 1x1 map (one key: every attention weight is 1) takes the
-    single-offset case of the Toeplitz reads: the outputs and input
+    single-offset case of the window reads: the outputs and input
     gradient equal the reference kernel's."""
     fused, reference = fused_and_reference(16, 32, 4, 'classification', 1)
     x = torch.randn(3, 16, 1, 1)

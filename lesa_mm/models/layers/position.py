@@ -44,33 +44,12 @@ def relative_index(n_query: int, n_key: int, offset: int,
     return k[None, :] - q[:, None] + offset
 
 
-def skew(x):
-    """``(..., L, 2L - 1) -> (..., L, L)``, ``out[i, j] = x[i, j - i + L - 1]``:
-    a strided view of the rows read at sliding offsets (no copy)."""
-    *batch, length, span = x.shape
-    if length == 1:
-        return x
-    flat = x.reshape(*batch, length * span)
-    rows = flat[..., length - 1:length - 1 + length * (span - 1)]
-    return rows.reshape(*batch, length, span - 1)[..., :length]
-
-
-def unskew(y):
-    """The layout :func:`skew` reads: ``(..., L, L) -> (..., L, 2L - 1)``
-    with ``x[i, j - i + L - 1] = y[i, j]`` and zeros elsewhere."""
-    *batch, length, _ = y.shape
-    if length == 1:
-        return y
-    if not key_blocks.is_graph_capture():
-        # eager: one zero fill and one strided copy
-        x = y.new_zeros(*batch, length, 2 * length - 1)
-        skew(x).copy_(y)
-        return x
-    # row i moves right by L - 1 - i: rows padded to 2L - 2, laid end to
-    # end, read from L - 1 earlier (functional: the TorchScript exporter
-    # drops a write into a view of a fresh tensor)
-    flat = F.pad(y, (0, length - 2)).reshape(*batch, length * (2 * length - 2))
-    return F.pad(flat, (length - 1, 1)).reshape(*batch, length, 2 * length - 1)
+def _per_position(x):
+    """``(N, g, c, L) -> (L, N g, c)``, contiguous: per position, the
+    vectors of every head and image, the operand layout of the products
+    batched over positions."""
+    n, g, c, length = x.shape
+    return x.permute(3, 0, 1, 2).reshape(length, n * g, c).contiguous()
 
 
 def _window_sums(x, length):
@@ -78,6 +57,29 @@ def _window_sums(x, length):
     differences of a running sum, ``O(L)`` per row."""
     running = F.pad(x.cumsum(-1), (1, 0))
     return running[..., length:] - running[..., :length]
+
+
+class _Permuted(torch.autograd.Function):
+    """``x.permute(*dims)`` (a view) whose backward hands the gradient back
+    contiguous in ``x``'s layout.
+
+    The products batched over positions take their operands with the
+    positions outermost; the tensors they feed (the logits, the layer's
+    output) are laid out with the positions innermost. Permuted back by
+    autograd alone, their gradient is strided along every axis, and a
+    batched product copies such an operand matrix by matrix; here it is
+    copied once. The backward is made of differentiable operators, so
+    higher derivatives still flow.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dims):
+        ctx.inverse = [dims.index(axis) for axis in range(len(dims))]
+        return x.permute(*dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.permute(*ctx.inverse).contiguous(), None
 
 
 class RelativePosition(nn.Module):
@@ -350,16 +352,22 @@ class FlattenedRelPos1d(RelativePosition):
                 f'trained feature size {ph}x{pw}, got a {height}x{width} '
                 f"input; use pe_type='detection_qr' for other sizes")
 
-    def tables(self, height: int, width: int):
+    def tables(self, height: int, width: int, dtype=None):
         """``(Eq, Ek, Ev)`` gathered to ``(c, L, L)`` with
         ``[:, i, j] -> E[:, i - j + K - 1]`` (offset first index minus
-        second)."""
+        second): row ``i`` holds the window of ``L`` consecutive offsets
+        that position ``i`` meets, read backwards (one copy of the table's
+        sliding windows, no index tensor).
+
+        Args:
+            dtype (torch.dtype, optional): The dtype to gather in (default:
+                the table's).
+        """
         length = height * width
-        index = relative_index(length, length, length - 1,
-                               self.relative.device).t()
-        emb = self.relative[:, index]
+        table = self.relative if dtype is None else self.relative.to(dtype)
+        windows = table.unfold(-1, length, 1).flip(-1)  # [c, i, L - 1 - j]
         d = self.head_channels
-        return emb.split([d, d, self.value_channels], dim=0)
+        return windows.split([d, d, self.value_channels], dim=0)
 
     def logits(self, q, k, height, width, queries=None):
         """``[S_qr, S_kr]``: ``S_qr[i, j] = q_i . Eq[i - j]`` and
@@ -376,27 +384,27 @@ class FlattenedRelPos1d(RelativePosition):
         _, _, ev = self.tables(height, width)
         return [torch.einsum('ngij,cij->ngci', attn, ev)]
 
-    def _moments(self, q, k):
+    def _moments(self, q, k, q_pos, k_pos):
         """Per-channel sums and sums of squares of ``S_qk``, ``S_qr`` and
         ``S_kr`` over ``(N, L, L)``, in closed form. Query ``i`` meets the
         offsets ``i .. i + L - 1`` of ``Eq`` (key ``j`` those of ``Ek``), so
         ``sum_j S_qr[i, j] = q_i . A_i`` and
         ``sum_j S_qr[i, j]^2 = q_i^T G_i q_i`` with ``A_i`` and ``G_i`` the
         sums of ``e_m`` and ``e_m e_m^T`` over that window (likewise for
-        ``S_kr`` over the keys)."""
+        ``S_kr`` over the keys). ``q_pos`` and ``k_pos`` are ``q`` and ``k``
+        laid out per position (:func:`_per_position`)."""
         length = q.shape[-1]
         d = self.head_channels
         table = self.relative.to(q.dtype)
         sums, sq_sums = [], []
-        for x, e in ((q, table[:d]), (k, table[d:2 * d])):
+        for x, x_i, e in ((q, q_pos, table[:d]), (k, k_pos, table[d:2 * d])):
             outer = e[:, None, :] * e[None, :, :]  # (d, d, 2L-1)
             window, gram = _window_sums(e, length), _window_sums(outer, length)
             sums.append((x * window).sum((0, 2, 3)))
-            # q_i^T G_i q_i as one batched product over i (contiguous, so
-            # it is not looped per query)
+            # q_i^T G_i q_i as one batched product over the positions i
+            quad = torch.bmm(x_i,
+                             gram.permute(2, 0, 1).contiguous())
             n, g = x.shape[:2]
-            x_i = x.permute(3, 0, 1, 2).reshape(length, n * g, d)
-            quad = torch.bmm(x_i, gram.permute(2, 0, 1).contiguous())
             sq_sums.append((quad * x_i).sum(-1).view(length, n, g).sum((0, 1)))
         qk_sum, qk_sq, count = content_moments(q, k)
         return (torch.cat([qk_sum, *sums]), torch.cat([qk_sq, *sq_sums]),
@@ -405,31 +413,53 @@ class FlattenedRelPos1d(RelativePosition):
     def fused_attention(self, q, k, v, logit_norm, height, width):
         """``softmax_j(a q_i.k_j + b S_qr + c S_kr)`` with the per-head
         scales of ``BNsim`` (its shift is constant over the keys), batch
-        statistics in closed form (:meth:`_moments`). The position terms
-        use the Toeplitz structure of the table: one product with the whole
-        table gives every query's logits against every offset, and a
-        strided view (:func:`skew`) reads them per key; ``o_e`` multiplies
-        the attention laid out by offset (:func:`unskew`) with ``Ev``. No
-        table is gathered to ``L x L``.
+        statistics in closed form (:meth:`_moments`).
+
+        The keys and values are taken in reverse order, ``j' = L - 1 - j``
+        (softmax and the weighted sums do not depend on the order). Then
+        the offset ``i - j`` is column ``i + j'`` of the table, so the
+        ``L`` offsets that query ``i`` meets are one sliding window of the
+        table, a strided view (``unfold``) that no copy materialises; the
+        key term reads the windows of the flipped ``Ek`` the same way. The
+        position terms are products batched over the positions: query
+        ``i`` times its window gives its row of ``S_qr``, key ``j'`` times
+        its window its column of ``S_kr``, and the attention row of query
+        ``i`` times its window of ``Ev`` gives ``o_e[i]``. Each product
+        costs the method's ``L^2 c`` multiply-accumulates per head; the
+        scales multiply ``q`` and ``k`` before the products, so no pass
+        over the ``L x L`` logits normalises them.
         """
-        scale = logit_norm.scales(lambda: exact_moments(self._moments, q, k))
-        g = q.shape[1]
+        n, g, d, length = q.shape
+        heads = n * g
+        q_pos, k_pos = _per_position(q), _per_position(k)  # (L, N g, dq)
+        scale = logit_norm.scales(
+            lambda: exact_moments(self._moments, q, k, q_pos, k_pos))
         dtype = autocast_dtype(q.device.type) or q.dtype
-        a, b, c = scale.view(3, 1, g, 1, 1).to(dtype)
-        d = self.head_channels
-        # column m of the flipped table is the offset L - 1 - m
-        eq, ek, ev = self.relative.flip(-1).to(dtype).split(
+        # per-head scales, over the (N g) heads
+        a, b, c = scale.to(dtype).view(3, 1, g, 1).expand(3, n, g, 1) \
+            .reshape(3, 1, heads, 1)
+        eq, ek, ev = self.relative.to(dtype).split(
             [d, d, self.value_channels], dim=0)
-        q_t, k_t = q.transpose(-1, -2).to(dtype), k.transpose(-1, -2).to(dtype)
-        n, _, _, length = q.shape
-        logits = torch.baddbmm(
-            skew((q_t * b) @ eq).flatten(0, 1), (q_t * a).flatten(0, 1),
-            k.to(dtype).flatten(0, 1)).view(n, g, length, length)
-        logits += skew((k_t * c) @ ek).transpose(-1, -2)
+        # windows (c, L, L): [:, i, j'] -> column i + j'
+        win_q, win_k, win_v = (t.unfold(-1, length, 1)
+                               for t in (eq, ek.flip(-1), ev))
+        q_pos = q_pos.to(dtype)
+        k_rev = k_pos.to(dtype).flip(0)  # (j', N g, dq)
+        s_qr = torch.bmm(q_pos * b, win_q.transpose(0, 1))  # (i, N g, j')
+        s_kr = torch.bmm(k_rev * c, win_k.transpose(0, 1))  # (j', N g, i)
+        logits = torch.baddbmm(s_qr.transpose(0, 1),
+                               (q_pos * a).transpose(0, 1),
+                               k_rev.permute(1, 2, 0))  # (N g, i, j')
+        logits += _Permuted.apply(s_kr, (1, 2, 0))
         attn = logits.softmax(dim=-1)
-        o_v = attn @ v.transpose(-1, -2).to(attn.dtype)
-        o_e = unskew(attn) @ ev.t().to(attn.dtype)
-        return [o_v.transpose(-1, -2), o_e.transpose(-1, -2)]
+        # o_e first: autograd then meets o_v's gradient of the attention
+        # first and accumulates o_e's into it, in the attention's layout
+        o_e = torch.bmm(attn.transpose(0, 1), win_v.permute(1, 2, 0))
+        v_rev = v.to(dtype).flip(-1).flatten(0, 1).transpose(1, 2)
+        o_v = torch.bmm(attn, v_rev)  # (N g, i, dv)
+        dv = self.value_channels
+        return [o_v.view(n, g, length, dv).transpose(-1, -2),
+                _Permuted.apply(o_e.view(length, n, g, dv), (1, 2, 3, 0))]
 
     def logit_macs(self, height: int, width: int) -> int:
         """Multiply-accumulates of one head's position logits and value
