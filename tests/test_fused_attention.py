@@ -139,25 +139,6 @@ def test_autocast_outputs_and_gradients(dtype):
     assert rel < 0.05
 
 
-@pytest.mark.parametrize('size', [(1, 1), (1, 2), (2, 3), (3, 3)])
-def test_classification_tables_read_each_window(size):
-    """``tables`` holds at ``[:, i, j]`` the table column of the offset
-    ``i - j`` (column ``i - j + L - 1``) for every pair, as the spec's
-    flattened index ``i - j + L - 1`` reads it."""
-    from lesa_mm.models.layers.position import FlattenedRelPos1d
-    position = FlattenedRelPos1d(size, 2, 3)
-    length = size[0] * size[1]
-    i, j = torch.meshgrid(torch.arange(length), torch.arange(length),
-                          indexing='ij')
-    expected = position.relative[:, i - j + length - 1]
-    tables = position.tables(*size)
-    assert [t.shape for t in tables] == [(2, length, length)] * 2 + [
-        (3, length, length)]
-    assert torch.equal(torch.cat(tables), expected)
-    assert torch.cat(position.tables(*size, torch.float64)).dtype == \
-        torch.float64
-
-
 # --------------------------------------------------------------------------
 # key-block path of CPU inference
 # --------------------------------------------------------------------------

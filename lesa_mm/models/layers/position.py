@@ -352,22 +352,16 @@ class FlattenedRelPos1d(RelativePosition):
                 f'trained feature size {ph}x{pw}, got a {height}x{width} '
                 f"input; use pe_type='detection_qr' for other sizes")
 
-    def tables(self, height: int, width: int, dtype=None):
+    def tables(self, height: int, width: int):
         """``(Eq, Ek, Ev)`` gathered to ``(c, L, L)`` with
         ``[:, i, j] -> E[:, i - j + K - 1]`` (offset first index minus
-        second): row ``i`` holds the window of ``L`` consecutive offsets
-        that position ``i`` meets, read backwards (one copy of the table's
-        sliding windows, no index tensor).
-
-        Args:
-            dtype (torch.dtype, optional): The dtype to gather in (default:
-                the table's).
-        """
+        second), by the flattened index the spec writes."""
         length = height * width
-        table = self.relative if dtype is None else self.relative.to(dtype)
-        windows = table.unfold(-1, length, 1).flip(-1)  # [c, i, L - 1 - j]
+        index = relative_index(length, length, length - 1,
+                               self.relative.device).t()
+        emb = self.relative[:, index]
         d = self.head_channels
-        return windows.split([d, d, self.value_channels], dim=0)
+        return emb.split([d, d, self.value_channels], dim=0)
 
     def logits(self, q, k, height, width, queries=None):
         """``[S_qr, S_kr]``: ``S_qr[i, j] = q_i . Eq[i - j]`` and
