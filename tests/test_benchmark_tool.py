@@ -7,6 +7,7 @@ import torch
 
 from conftest import REPO_ROOT, load_tool
 from lesa_mm.analysis import complexity_info
+from lesa_mm.benchmark import build_subject
 
 CLS_DEMO = os.path.join(REPO_ROOT, 'configs', 'demo',
                         'lesa-resnet50-slim_shapes.py')
@@ -70,13 +71,44 @@ def test_model_against_stock(tool):
     args = tool.parse_args(['--subject', 'model', CLS_DEMO, '--shape', '64'])
     flops = []
     for spec in tool.specs(args):
-        model, _ = tool.build_subject(spec)
+        model, _ = build_subject(spec)
         model.eval()
         flops.append(complexity_info(model, torch.randn(1, 3, 64, 64),
                                      show_table=False)['flops'])
     assert [ours['flops'], stock['flops']] == flops
     assert ours['flops_ratio'] == pytest.approx(flops[0] / flops[1])
     assert model.base_channels == 16  # the stock one, sized like the demo
+
+
+def test_model_against_the_reference_kernel(tool):
+    """``--baseline reference``: the same backbone with
+    ``attn_impl='reference'``, measured in its own process; same FLOPs
+    (the method's, whatever the kernel)."""
+    args = tool.parse_args(['--subject', 'model', CLS_DEMO, '--shape', '64',
+                            '--baseline', 'reference'] + QUICK)
+    specs = tool.specs(args)
+    assert [s['name'] for s in specs] == ['ours', 'reference']
+    models = [build_subject(spec)[0] for spec in specs]
+    kernels = [{m.attn_impl for m in model.modules()
+                if type(m).__name__ == 'LESABinary'} for model in models]
+    assert kernels == [{'fused'}, {'reference'}]
+    rows = tool.run(args, out=open(os.devnull, 'w'))
+    assert rows[0]['flops'] == rows[1]['flops']
+    assert rows[1]['time_ratio'] == 1
+
+
+def test_compile_mode(tool, capsys):
+    """``--mode compile``: the eval forward of a tiny layer captured in one
+    graph, without breaks, and compiled; both kernels, each in its own
+    process."""
+    rows = tool.main(['--size', '6', '--channels', '16', '--groups', '2',
+                      '--mode', 'compile'] + QUICK)
+    assert [r['name'] for r in rows] == ['fused', 'reference']
+    for row in rows:
+        assert (row['graphs'], row['graph_breaks']) == (1, 0)
+        assert row['ops'] > 0 and row['compile_s'] > 0 and row['time'] > 0
+    assert rows[1]['compile_ratio'] == 1
+    assert '| graphs | graph breaks | operators |' in capsys.readouterr().out
 
 
 def test_threads_reach_the_measuring_processes(tool):
@@ -103,6 +135,8 @@ def test_failure_names_the_subject(tool):
     ['--mode', 'predict'],
     ['--with-cp', 'yes'],
     ['--profile', '0'],
+    ['--baseline', 'reference'],  # a layer has no baseline
+    ['--mode', 'compile', '--profile', '3'],
 ])
 def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit) as exc:

@@ -243,6 +243,28 @@ def test_pytorch2onnx_tool(tmp_path, capsys):
 
 
 # ------------------------------------------------- devices and compilers
+@pytest.mark.parametrize('pe_type,strides,feat_sizes,shape', [
+    ('classification', (1, 2, 2, 1), (16, 8, 4, 4), 64),
+    ('detection_qr', (1, 2, 2, 2), (16, 8, 4, 2), (72, 40)),
+], ids=['classification', 'detection_qr'])
+def test_backbone_is_captured_in_one_graph(pe_type, strides, feat_sizes,
+                                           shape):
+    """``torch._dynamo.explain`` of a LESA backbone's eval forward: one
+    graph, no break (a break per LESA layer would split it into pieces
+    that compile and run apart)."""
+    torch._dynamo.reset()
+    model = LESAResNet(depth=50, stem_channels=16, base_channels=16,
+                       strides=strides, feat_sizes=feat_sizes,
+                       pe_type=pe_type).eval()
+    x = torch.randn(1, 3, *((shape, ) * 2 if isinstance(shape, int) else
+                            shape))
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == \
+        (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('pe_type,feat,size', [
     ('detection_qr', 32, (40, 24)), ('classification', (8, 6), (8, 6))])

@@ -3,30 +3,34 @@ per measured model.
 
 * ``--subject layer``: one LESA layer (``detection_qr``) on a ``--size H
   [W]`` map, the ``fused`` kernel against the ``reference`` one;
-* ``--subject model CONFIG``: the config's backbone against the stock
-  backbone of its family: MMPretrain's ``ResNet`` (depth 50), or for
-  MMDetection configs MMDetection's R50-DCN (DCN in stages 2-4); the stock
-  backbone takes the config backbone's widths, outputs, frozen stages and
-  norms.
+* ``--subject model CONFIG``: the config's backbone against ``--baseline``:
+  ``stock``, the stock backbone of its family (MMPretrain's ``ResNet``,
+  depth 50, or for MMDetection configs MMDetection's R50-DCN, DCN in
+  stages 2-4, with the config backbone's widths, outputs, frozen stages and
+  norms), or ``reference``, the same backbone with
+  ``attn_impl='reference'`` (the attention computed directly, as the
+  authors compute it).
 
 A step is a forward in eval mode under ``no_grad`` (``--mode eval``) or, in
 train mode, a forward, the backward of the sum of the outputs and zeroed
-gradients (``--mode train``). Time: the median of single steps
-(:class:`timeit.Timer` on :func:`torch.utils.benchmark.utils.timer.timer`,
-which synchronises an accelerator) repeated for ``--min-run-time`` seconds.
-Threads: the environment's (``OMP_NUM_THREADS``), as MMEngine's runners
-leave them; ``--threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``
-of each measuring process. The measuring processes never call
-``torch.set_num_threads`` (nor ``torch.utils.benchmark.Timer``, which does):
-after that call, even with the count unchanged, PyTorch's CPU
-flash-attention kernel ran about 25 % slower on a 2-core machine. Only
-``--profile``, which runs in the tool's own process (its torch already
-loaded), sets ``--threads`` with it. Peak memory: the
-peak resident set of the process (``ru_maxrss``: interpreter, weights and
-steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; the same
-before the steps is printed beside it. FLOPs: of
-one image, :func:`lesa_mm.analysis.complexity_info` (the attention counted
-as the method's MACs, whichever kernel).
+gradients (``--mode train``). ``--mode compile`` instead captures and
+compiles the eval forward: graphs, graph breaks and operators of
+``torch._dynamo.explain``, the seconds of the first call of the
+``torch.compile``\ d model (compilation included) and the median compiled
+step. Time: the median of single steps repeated for ``--min-run-time``
+seconds (``lesa_mm.benchmark``). Threads: the environment's
+(``OMP_NUM_THREADS``), as MMEngine's runners leave them; ``--threads`` sets
+``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` of each measuring process. The
+measuring processes never call ``torch.set_num_threads`` (nor
+``torch.utils.benchmark.Timer``, which does): after that call, even with the
+count unchanged, PyTorch's CPU flash-attention kernel ran about 25 % slower
+on a 2-core machine. Only ``--profile``, which runs in the tool's own
+process (its torch already loaded), sets ``--threads`` with it. Peak
+memory: the peak resident set of the process (``ru_maxrss``: interpreter,
+weights and steps) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA;
+the same before the steps is printed beside it. FLOPs: of one image,
+:func:`lesa_mm.analysis.complexity_info` (the attention counted as the
+method's MACs, whichever kernel).
 
 ``--profile N`` instead prints the ``N`` most expensive operators of one
 step of ours (``torch.profiler``, by self time), in this process.
@@ -37,142 +41,24 @@ Examples::
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
         configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --shape 224
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
+        configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --mode train \\
+        --baseline reference
+    python tools/analysis_tools/benchmark_lesa.py --subject model \\
+        configs/lesa/lesa-resnet50_4xb32_in1k.py --mode compile
+    python tools/analysis_tools/benchmark_lesa.py --subject model \\
         configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --profile 20
 """
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import timeit
 
 import torch
-from mmengine.config import Config, DictAction
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.config import DictAction
 from mmengine.utils import to_2tuple
-from torch.utils.benchmark.utils.timer import timer as clock
 
-from lesa_mm.analysis import complexity_info
-from lesa_mm.utils.config import SCOPE_TASKS, config_task, default_scope
-
-R50_DCN = dict(dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
-               stage_with_dcn=(False, True, True, True))
-#: The stock backbone of each task family (:func:`config_task`).
-STOCK = dict(classification=dict(type='ResNet', depth=50),
-             detection=dict(type='ResNet', depth=50, **R50_DCN))
-#: Keys of the config's backbone the stock backbone takes over.
-SHARED = ('stem_channels', 'base_channels', 'out_indices', 'frozen_stages',
-          'norm_cfg', 'norm_eval')
-
-
-def build_subject(spec):
-    """Build one measured subject.
-
-    Args:
-        spec (dict): One of :func:`specs`: the parsed arguments and the
-            subject's ``name`` (``'fused'``/``'reference'``, the layer's
-            kernel, or ``'ours'``/``'stock'``).
-
-    Returns:
-        tuple[nn.Module, int]: The model and its input channels.
-    """
-    if spec['subject'] == 'layer':
-        from lesa_mm.models import LESA
-        c = spec['channels']
-        return LESA(c, c, tuple(spec['shape']), groups=spec['groups'],
-                    pe_type='detection_qr', attn_impl=spec['name']), c
-    cfg = Config.fromfile(spec['config'])
-    cfg.merge_from_dict(spec['cfg_options'] or {})
-    task = config_task(cfg)
-    if task not in STOCK:
-        raise ValueError(f'no stock backbone for default_scope '
-                         f'{default_scope(cfg)!r} of {spec["config"]}; '
-                         f'known: {sorted(SCOPE_TASKS)}')
-    init_default_scope(default_scope(cfg))
-    backbone = cfg.model.backbone
-    if spec['name'] == 'stock':
-        backbone = dict(STOCK[task],
-                        **{k: backbone[k] for k in SHARED if k in backbone})
-    return MODELS.build(dict(backbone, with_cp=spec['with_cp'])), 3
-
-
-def _subject_and_step(spec):
-    """The built subject on its device, in the spec's mode, and its step."""
-    device = torch.device(spec['device'])
-    model, channels = build_subject(spec)
-    model = model.to(device)
-    x = torch.randn(spec['batch'], channels, *spec['shape'], device=device)
-
-    def step():
-        if spec['mode'] == 'eval':
-            with torch.no_grad():
-                return model(x)
-        outs = model(x)
-        outs = outs if isinstance(outs, (tuple, list)) else [outs]
-        sum(o.sum() for o in outs).backward()
-        model.zero_grad(set_to_none=True)
-
-    model.train(spec['mode'] == 'train')
-    return model, channels, step
-
-
-def profile(spec):
-    """The operators of one step (after a warm-up step), as
-    ``torch.profiler``'s averages per operator, and the key that sorts them
-    by self time on the spec's device."""
-    _, _, step = _subject_and_step(spec)
-    step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if spec['device'].startswith('cuda'):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-    key = 'self_cuda_time_total' if len(activities) > 1 else \
-        'self_cpu_time_total'
-    return prof.key_averages(), key
-
-
-def measure(spec):
-    """Time, peak memory and FLOPs of one subject, in this process.
-
-    Args:
-        spec (dict): One of :func:`specs`.
-
-    Returns:
-        dict: ``time`` (median seconds per step), ``runs`` (timed steps),
-        ``peak_mib`` (:func:`peak_memory` after the steps), ``base_mib``
-        (the same before them: interpreter, libraries, weights, input),
-        ``flops`` (of a batch of one) and ``threads`` (PyTorch's
-        intra-op threads).
-    """
-    device = torch.device(spec['device'])
-    model, channels, step = _subject_and_step(spec)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    base = peak_memory(device)
-    timer = timeit.Timer(step, timer=clock)
-    timer.timeit(spec['warmup'])
-    times, end = [], clock() + spec['min_run_time']
-    while not times or clock() < end:
-        times.append(timer.timeit(1))
-    peak = peak_memory(device)
-    image = torch.randn(1, channels, *spec['shape'], device=device)
-    model.eval()  # (some backbones' train() does not return the model)
-    flops = complexity_info(model, image, show_table=False)['flops']
-    return dict(time=statistics.median(times), runs=len(times),
-                base_mib=base / 2**20, peak_mib=peak / 2**20, flops=flops,
-                threads=torch.get_num_threads())
-
-
-def peak_memory(device):
-    """Bytes: the peak allocation on CUDA, else the peak RSS of this
-    process."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == 'darwin' else rss * 1024  # Linux: KiB
+from lesa_mm.benchmark import BASELINES, measure, profile
 
 
 def run_in_subprocess(spec):
@@ -193,11 +79,11 @@ def run_in_subprocess(spec):
 
 def specs(args):
     """The measured subjects: dicts of the parsed arguments and a ``name``,
-    ours first, the one compared with (reference kernel, stock) last."""
+    ours first, the one compared with (reference kernel, baseline) last."""
     common = dict(vars(args), shape=list(args.shape))
     common.pop('worker')
     names = (['fused', 'reference'] if args.subject == 'layer' else
-             ['ours', 'stock'])
+             ['ours', args.baseline])
     return [dict(common, name=name) for name in names]
 
 
@@ -207,21 +93,36 @@ def run(args, out=None):
     Returns:
         list[dict]: Per subject ``name``, ``time`` (s per step, median),
         ``runs``, ``peak_mib``, ``flops`` and the ratios to the last
-        subject (the reference kernel, or the stock backbone):
-        ``time_ratio``, ``mem_ratio``, ``flops_ratio``.
+        subject (the reference kernel, or the baseline): ``time_ratio``,
+        ``mem_ratio``, ``flops_ratio``; with ``--mode compile`` the fields
+        of :func:`lesa_mm.benchmark.measure_compile`, ``compile_ratio`` and
+        ``time_ratio``.
     """
     rows = [dict(name=s['name'], **run_in_subprocess(s)) for s in specs(args)]
-    base = rows[-1]
-    for row in rows:
-        row.update(time_ratio=row['time'] / base['time'],
-                   mem_ratio=row['peak_mib'] / base['peak_mib'],
-                   flops_ratio=row['flops'] / base['flops'])
     what, channels = ((args.config, 3) if args.config else
                       (f'LESA layer, {args.groups} heads', args.channels))
     print(f'{what}, {args.mode}, input {args.batch}x{channels}x'
           f'{args.shape[0]}x{args.shape[1]}, {args.device}, '
-          f'{rows[0]["threads"]} threads\n\n'
-          '| subject | time/step (ms) | runs | peak mem (MiB) | before steps '
+          f'{rows[0]["threads"]} threads\n', file=out)
+    base = rows[-1]
+    if args.mode == 'compile':
+        for row in rows:
+            row.update(compile_ratio=row['compile_s'] / base['compile_s'],
+                       time_ratio=row['time'] / base['time'])
+        print('| subject | graphs | graph breaks | operators | compile + '
+              'first call (s) | compile ratio | compiled step (ms) | time '
+              'ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|', file=out)
+        for r in rows:
+            print(f'| {r["name"]} | {r["graphs"]} | {r["graph_breaks"]} | '
+                  f'{r["ops"]} | {r["compile_s"]:.1f} | '
+                  f'{r["compile_ratio"]:.2f} | {r["time"] * 1e3:.1f} | '
+                  f'{r["time_ratio"]:.2f} |', file=out)
+        return rows
+    for row in rows:
+        row.update(time_ratio=row['time'] / base['time'],
+                   mem_ratio=row['peak_mib'] / base['peak_mib'],
+                   flops_ratio=row['flops'] / base['flops'])
+    print('| subject | time/step (ms) | runs | peak mem (MiB) | before steps '
           '(MiB) | time ratio | mem ratio | GFLOPs (1 image) | FLOPs ratio '
           '|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|', file=out)
     for r in rows:
@@ -242,7 +143,10 @@ def parse_args(argv=None):
                         default='layer')
     parser.add_argument('config', nargs='?',
                         help='--subject model: the config of the backbone')
-    parser.add_argument('--mode', choices=['eval', 'train'], default='eval')
+    parser.add_argument('--mode', choices=['eval', 'train', 'compile'],
+                        default='eval')
+    parser.add_argument('--baseline', choices=BASELINES, default='stock',
+                        help='model: what ours is compared with')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--shape', type=int, nargs='+', default=None,
                         help='model: input H [W] (default 224); layer: '
@@ -272,6 +176,12 @@ def parse_args(argv=None):
     if (args.subject == 'model') != (args.config is not None):
         parser.error(f'a CONFIG goes with --subject model and only with it, '
                      f'got --subject {args.subject} and {args.config!r}')
+    if args.baseline != 'stock' and args.subject != 'model':
+        parser.error(f'--baseline goes with --subject model, got '
+                     f'--subject {args.subject}')
+    if args.mode == 'compile' and args.profile:
+        parser.error('--profile profiles an eval or train step, not '
+                     '--mode compile')
     if args.shape is not None and len(args.shape) not in (1, 2):
         parser.error(f'--shape/--size takes H or H W, got {args.shape}')
     for name in ('batch', 'channels', 'groups', 'threads', 'profile'):

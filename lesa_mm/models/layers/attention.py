@@ -78,9 +78,14 @@ def fused_attention(q, k, v, position, logit_norm, height, width):
 
 def under_functorch(tensor):
     """Whether ``tensor`` is being transformed by ``torch.func`` (``grad``,
-    ``vmap``, ``jacrev``, ...): the fused kernels' private ops and autograd
-    Functions have no rules for those transforms, so the binary term takes
-    the reference kernel there."""
+    ``vmap``, ``jacrev``, ...) in eager mode: the fused kernels' private ops
+    and autograd Functions have no rules for those transforms, so the binary
+    term takes the reference kernel there. While a graph is compiled or
+    exported the answer is no: dynamo cannot trace the query (it would
+    break the graph at every layer), and a captured graph runs the
+    shape-generic formulations, made of plain operators."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 

@@ -72,10 +72,16 @@ class _Permuted(torch.autograd.Function):
     higher derivatives still flow.
     """
 
+    generate_vmap_rule = True  # (torch.func transforms of a compiled graph)
+
     @staticmethod
-    def forward(ctx, x, dims):
-        ctx.inverse = [dims.index(axis) for axis in range(len(dims))]
+    def forward(x, dims):
         return x.permute(*dims)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dims = inputs[1]
+        ctx.inverse = [dims.index(axis) for axis in range(len(dims))]
 
     @staticmethod
     def backward(ctx, grad):
