@@ -152,10 +152,14 @@ class _KeyBlockLayout:
         """``(heads, L, dq)`` -> augmented keys ``(heads, blocks, 1, hw,
         size)``."""
         h, w, dq = self.h, self.w, self.dq
-        k_aug = k.new_zeros(k.shape[0], self.count, h, w, self.size)
-        k_aug[..., :dq] = self.to_blocks(k).view(*k_aug.shape[:-1], dq)
-        k_aug[..., dq:dq + h] = torch.eye(h, dtype=k.dtype, device=k.device)[:, None]
-        k_aug[..., dq + h:self.width_aug] = torch.eye(w, dtype=k.dtype, device=k.device)
+        shape = (k.shape[0], self.count, h, w)
+        eye_h = torch.eye(h, dtype=k.dtype, device=k.device)
+        eye_w = torch.eye(w, dtype=k.dtype, device=k.device)
+        k_aug = torch.cat([  # each channel written once
+            self.to_blocks(k).view(*shape, dq),
+            eye_h[:, None].expand(*shape, h), eye_w.expand(*shape, w),
+            k.new_zeros(()).expand(*shape, self.size - self.width_aug)
+        ], dim=-1)
         return k_aug.view(k.shape[0], self.count, 1, h * w, self.size)
 
     def values(self, v):
@@ -248,11 +252,12 @@ class _KeyBlockAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q_s)
         grad_row = torch.empty_like(row_p)
         grad_col = torch.empty_like(col_p)
-        grad_k = k.new_zeros(heads, count, h * w, dq, dtype=acc)
-        grad_v = v.new_zeros(heads, count, h * w, dv, dtype=acc)
+        grad_k = k.new_empty(heads, count, h * w, dq, dtype=acc)
+        grad_v = v.new_empty(heads, count, h * w, dv, dtype=acc)
         grad_out = grad_out.to(q_s.dtype)
+        chunks = layout.query_chunks(length, ctx.chunk_bytes)
         for head in range(heads):
-            for part in layout.query_chunks(length, ctx.chunk_bytes):
+            for part in chunks:
                 q_aug = layout.queries(q_s[head, part], row_p[head, part],
                                        col_p[head, part]).unsqueeze(1)
                 n = q_aug.shape[2]
@@ -271,8 +276,13 @@ class _KeyBlockAttention(torch.autograd.Function):
                     1, 0, 2).reshape(n, rows * h)
                 grad_col[head, part] = gq[..., dq + h:dq + h + w].sum(
                     0).permute(1, 0, 2).reshape(n, cols * w)
-                grad_k[head] += gk.view(count, h * w, size)[..., :dq]
-                grad_v[head] += gv.view(count, h * w, size)[..., :dv]
+                gk = gk.view(count, h * w, size)[..., :dq]
+                gv = gv.view(count, h * w, size)[..., :dv]
+                if part is chunks[0]:  # the first chunk sets, no zero fill
+                    grad_k[head], grad_v[head] = gk, gv
+                else:
+                    grad_k[head] += gk
+                    grad_v[head] += gv
         return (grad_q, layout.from_blocks(grad_k).to(k.dtype),
                 layout.from_blocks(grad_v).to(v.dtype),
                 grad_row[..., :layout.height], grad_col[..., :layout.width],
