@@ -158,14 +158,19 @@ def measure_compile(spec):
         dict: ``graphs``, ``graph_breaks`` and ``ops`` (the operators of
         the captured graphs) from :func:`torch._dynamo.explain`,
         ``compile_s`` (seconds of the first call of the
-        :func:`torch.compile`\\ d model, compilation included), ``time`` and
+        :func:`torch.compile`\\ d model, compilation included, inductor's
+        caches disabled), ``time`` and
         ``runs`` (median seconds and count of the compiled steps after it)
         and ``threads``.
     """
+    import torch._inductor.config as inductor_config
     model, x, _ = subject_and_step(dict(spec, mode='eval'))
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(x)
     torch._dynamo.reset()
+    # a cold compilation: inductor's caches (on disk, shared by processes)
+    # would otherwise serve a graph compiled by an earlier run
+    inductor_config.force_disable_caches = True
     compiled = torch.compile(model)
 
     def step():

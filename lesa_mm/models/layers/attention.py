@@ -23,7 +23,7 @@ of :mod:`.key_blocks` are its eager-mode alternative).
 import torch
 import torch.nn.functional as F
 
-from . import key_blocks
+from .capture import is_graph_capture
 from .logit_norm import LogitBatchNorm
 
 
@@ -117,7 +117,7 @@ def first_derivative_only(x):
     in eager mode (:class:`_FirstDerivativeOnly`; a captured graph keeps
     plain operators)."""
     if torch.is_grad_enabled() and x.requires_grad and \
-            not key_blocks.is_graph_capture():
+            not is_graph_capture():
         return _FirstDerivativeOnly.apply(x)
     return x
 
@@ -131,12 +131,18 @@ def autocast_dtype(device_type):
     return None
 
 
+def cast(tensor, dtype):
+    """``tensor`` in ``dtype``: ``tensor`` itself where it already is, so
+    that a captured graph holds no operator for it."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def exact_moments(moments, *tensors):
     """``moments(*tensors)`` in float32 (at least), with autocast off: batch
     statistics of the logits are sums of squares that half precision would
     round."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    tensors = [t.to(dtype) for t in tensors]
+    tensors = [cast(t, dtype) for t in tensors]
     if autocast_dtype(tensors[0].device.type) is None:
         return moments(*tensors)
     with torch.autocast(tensors[0].device.type, enabled=False):
@@ -217,7 +223,7 @@ def one_call_attention(q_s, k, v, row_s, col_s, height, width):
     k_aug = torch.cat([k, onehot.expand(n, g, length, height + width)], -1)
     q_aug = torch.cat([q_s, row_s, col_s], dim=-1)
     width_aug = dq + height + width
-    if key_blocks.is_graph_capture():
+    if is_graph_capture():
         # values dv wide, heads wider than dv for every map size (no
         # branch), so that whether the two widths are equal never becomes a
         # guard of the captured graph

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .capture import is_graph_capture
+
 #: Largest side of a key block of the CPU path.
 KEY_BLOCK = 16
 #: Bytes of augmented queries per attention call of that path.
@@ -63,15 +65,6 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse):
     return _cpu_flash_backward_op(
         *(_unit_stride(t) for t in (grad_out, q, k, v, out, lse)), 0.0,
         False, scale=1.0)
-
-
-def is_graph_capture():
-    """Whether the running forward is being traced (``torch.jit.trace``,
-    the TorchScript ONNX exporter), exported (``torch.export``, the dynamo
-    ONNX exporter) or compiled (``torch.compile``): then only
-    shape-generic formulations may run."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def _block_side(size, target):

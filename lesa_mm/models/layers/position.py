@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from mmengine.utils import to_2tuple
 
 from . import key_blocks
-from .attention import (autocast_dtype, content_moments, exact_moments,
-                        first_derivative_only, one_call_attention)
+from .attention import (autocast_dtype, cast, content_moments,
+                        exact_moments, first_derivative_only,
+                        one_call_attention)
+from .capture import is_shape_generic_capture
 
 
 def _check_feat_size(feat_size):
@@ -186,22 +188,29 @@ class DecomposedRelPos2d(RelativePosition):
         linearly interpolated to ``2 * size - 1`` rows (as
         ``F.interpolate(mode='linear', align_corners=False)``).
 
-        Written without a Python branch on ``size``: both readings are one
-        linear interpolation ``(1 - t) T[i0] + t T[i1]`` at source
-        positions chosen by a tensor condition, so a traced or exported
-        graph keeps the choice for every input size. The centre reading
-        has ``t = 0``, so it returns the table's rows exactly.
+        A size known in Python (eager mode, ``torch.compile``, which
+        guards the choice) chooses the reading in Python. A traced or
+        exported graph must keep the choice for every input size: there
+        both readings are one linear interpolation
+        ``(1 - t) T[i0] + t T[i1]`` at source positions chosen by a tensor
+        condition; the centre reading has ``t = 0``, so it returns the
+        table's rows exactly either way.
         """
         rows = table.shape[0]  # 2 P - 1
+        static = isinstance(size, int) and not is_shape_generic_capture()
+        if static and 2 * size - 1 <= rows:
+            start = (rows + 1) // 2 - size  # P - size
+            return table[start:start + 2 * size - 1]
         # output offsets j = 0 .. 2 size - 2; `last` = 2 size - 2
         j = torch.arange(2 * size - 1, device=table.device,
                          dtype=torch.promote_types(table.dtype,
                                                    torch.float32))
         last = j[-1]
-        centre = j + (rows - 1 - last) / 2  # j + P - size
         scale = rows / (last + 1)
-        stretched = ((j + 0.5) * scale - 0.5).clamp_min(0)
-        source = torch.where(last <= rows - 1, centre, stretched)
+        source = ((j + 0.5) * scale - 0.5).clamp_min(0)  # stretched
+        if not static:
+            centre = j + (rows - 1 - last) / 2  # j + P - size
+            source = torch.where(last <= rows - 1, centre, source)
         index = source.long().clamp_max(rows - 1)
         frac = (source - index).clamp(0, 1).to(table.dtype).unsqueeze(-1)
         upper = (index + 1).clamp_max(rows - 1)
@@ -238,8 +247,8 @@ class DecomposedRelPos2d(RelativePosition):
         n, g, d, _ = q.shape
         th, tw = tables or self.tables(height, width)
         q = q.reshape(n, g, d, height, width)
-        row = torch.einsum('ngdyx,yrd->ngyxr', q, th.to(q.dtype))
-        col = torch.einsum('ngdyx,xcd->ngyxc', q, tw.to(q.dtype))
+        row = torch.einsum('ngdyx,yrd->ngyxr', q, cast(th, q.dtype))
+        col = torch.einsum('ngdyx,xcd->ngyxc', q, cast(tw, q.dtype))
         return (row.reshape(n, g, height * width, height),
                 col.reshape(n, g, height * width, width))
 
@@ -291,13 +300,13 @@ class DecomposedRelPos2d(RelativePosition):
             lambda: exact_moments(self._moments, q, k, row, col))
         g = q.shape[1]
         dtype = autocast_dtype(q.device.type) or q.dtype
-        a, b = scale.view(2, 1, g, 1, 1).to(dtype)
-        q_t = q.transpose(-1, -2).to(dtype)
-        row_s, col_s = row.to(dtype) * b, col.to(dtype) * b
-        k_t, v_t = k.transpose(-1, -2).to(dtype), v.transpose(-1, -2).to(dtype)
+        a, b = cast(scale.view(2, 1, g, 1, 1), dtype)
+        q_t = cast(q.transpose(-1, -2), dtype)
+        row_s, col_s = cast(row, dtype) * b, cast(col, dtype) * b
+        k_t, v_t = (cast(t.transpose(-1, -2), dtype) for t in (k, v))
         fold_w = key_blocks.folded_columns(q_t, v.shape[2], height, width)
         if fold_w is not None:
-            th, tw = (b.view(g, 1, 1, 1) * t.to(dtype) for t in tables)
+            th, tw = (b.view(g, 1, 1, 1) * cast(t, dtype) for t in tables)
             out = key_blocks.folded_attention(q_t, k_t * a, v_t, th, tw,
                                               row_s, col_s, height, width,
                                               fold_w)
@@ -395,7 +404,7 @@ class FlattenedRelPos1d(RelativePosition):
         laid out per position (:func:`_per_position`)."""
         length = q.shape[-1]
         d = self.head_channels
-        table = self.relative.to(q.dtype)
+        table = cast(self.relative, q.dtype)
         sums, sq_sums = [], []
         for x, x_i, e in ((q, q_pos, table[:d]), (k, k_pos, table[d:2 * d])):
             outer = e[:, None, :] * e[None, :, :]  # (d, d, 2L-1)
@@ -436,15 +445,15 @@ class FlattenedRelPos1d(RelativePosition):
             lambda: exact_moments(self._moments, q, k, q_pos, k_pos))
         dtype = autocast_dtype(q.device.type) or q.dtype
         # per-head scales, over the (N g) heads
-        a, b, c = scale.to(dtype).view(3, 1, g, 1).expand(3, n, g, 1) \
+        a, b, c = cast(scale, dtype).view(3, 1, g, 1).expand(3, n, g, 1) \
             .reshape(3, 1, heads, 1)
-        eq, ek, ev = self.relative.to(dtype).split(
+        eq, ek, ev = cast(self.relative, dtype).split(
             [d, d, self.value_channels], dim=0)
         # windows (c, L, L): [:, i, j'] -> column i + j'
         win_q, win_k, win_v = (t.unfold(-1, length, 1)
                                for t in (eq, ek.flip(-1), ev))
-        q_pos = q_pos.to(dtype)
-        k_rev = k_pos.to(dtype).flip(0)  # (j', N g, dq)
+        q_pos = cast(q_pos, dtype)
+        k_rev = cast(k_pos, dtype).flip(0)  # (j', N g, dq)
         s_qr = torch.bmm(q_pos * b, win_q.transpose(0, 1))  # (i, N g, j')
         s_kr = torch.bmm(k_rev * c, win_k.transpose(0, 1))  # (j', N g, i)
         logits = torch.baddbmm(s_qr.transpose(0, 1),
@@ -455,7 +464,7 @@ class FlattenedRelPos1d(RelativePosition):
         # o_e first: autograd then meets o_v's gradient of the attention
         # first and accumulates o_e's into it, in the attention's layout
         o_e = torch.bmm(attn.transpose(0, 1), win_v.permute(1, 2, 0))
-        v_rev = v.to(dtype).flip(-1).flatten(0, 1).transpose(1, 2)
+        v_rev = cast(v, dtype).flip(-1).flatten(0, 1).transpose(1, 2)
         o_v = torch.bmm(attn, v_rev)  # (N g, i, dv)
         dv = self.value_channels
         return [o_v.view(n, g, length, dv).transpose(-1, -2),
