@@ -98,31 +98,32 @@ def detection_backbone(width=16, seed=None, **kwargs):
                       stage_with_dcn=(False, True, True, True), **kwargs)
 
 
-def spy_kernel(monkeypatch, name, position):
-    """Replace ``key_blocks.<name>`` by a pass-through that records the
-    positional argument at ``position`` of every call; the list of them."""
-    from lesa_mm.models.layers import key_blocks
+def spy_kernel(monkeypatch, module, name, position):
+    """Replace ``<module>.<name>`` (a module of ``lesa_mm.models.layers``)
+    by a pass-through that records the positional argument at ``position``
+    of every call; the list of them."""
+    module = importlib.import_module(f'lesa_mm.models.layers.{module}')
     calls = []
-    kernel = getattr(key_blocks, name)
+    kernel = getattr(module, name)
 
     def spy(*args, **kwargs):
         calls.append(args[position])
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(key_blocks, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
 
 
 @pytest.fixture
 def block_calls(monkeypatch):
     """The ``blocks`` argument of every CPU key-block attention call."""
-    return spy_kernel(monkeypatch, 'key_block_attention', 7)
+    return spy_kernel(monkeypatch, 'key_blocks', 'key_block_attention', 7)
 
 
 @pytest.fixture
 def folded_calls(monkeypatch):
     """The ``block_w`` argument of every folded-key attention call."""
-    return spy_kernel(monkeypatch, 'folded_attention', 9)
+    return spy_kernel(monkeypatch, 'folded_rows', 'folded_attention', 9)
 
 
 def pytest_configure(config):

@@ -124,7 +124,7 @@ def test_export_takes_the_one_call_path_and_eager_the_key_blocks(
 def test_one_call_heads_are_aligned_to_eight(monkeypatch):
     """At 50x84 the augmented head is 16 + 50 + 84 = 150 channels wide:
     padded to 152 (a multiple of 8) for queries, keys and values."""
-    from lesa_mm.models.layers import attention, key_blocks
+    from lesa_mm.models.layers import decomposed_kernels, key_blocks
     monkeypatch.setattr(key_blocks, 'key_blocks', lambda *a, **k: None)
     widths = []
     sdpa = F.scaled_dot_product_attention
@@ -133,7 +133,8 @@ def test_one_call_heads_are_aligned_to_eight(monkeypatch):
         widths.append((q.shape[-1], k.shape[-1], v.shape[-1]))
         return sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(attention.F, 'scaled_dot_product_attention', spy)
+    monkeypatch.setattr(decomposed_kernels.F, "scaled_dot_product_attention",
+                        spy)
     layer = LESA(256, 256, feat_size=64).eval()
     reference = copy.deepcopy(layer)
     reference.binary.attn_impl = 'reference'

@@ -6,7 +6,7 @@ import torch
 
 from conftest import dense_attention, randomize_norms, rel_error
 from lesa_mm.models import LESA, LESAResNet
-from lesa_mm.models.layers import key_blocks
+from lesa_mm.models.layers import folded_rows, key_blocks
 
 
 def fused_and_reference(cin, c, groups, pe_type, feat, stride=1, seed=0):
@@ -220,7 +220,7 @@ def test_folded_attention_equals_dense_softmax(shape):
     row_s = torch.einsum('ngyxd,gyrd->ngyxr', qr, row_table).flatten(2, 3)
     col_s = torch.einsum('ngyxd,gxcd->ngyxc', qr, col_table).flatten(2, 3)
     with torch.no_grad():
-        out = key_blocks.folded_attention(q, k, v, row_table, col_table,
+        out = folded_rows.folded_attention(q, k, v, row_table, col_table,
                                           row_s, col_s, height, width,
                                           block_w, chunk_bytes)
     expected = dense_attention(q, k, v, row_s, col_s, height, width)
@@ -232,12 +232,12 @@ def test_folded_attention_refuses_autograd():
     q = torch.zeros(1, 1, 4, 2, requires_grad=True)
     table = torch.zeros(1, 2, 2, 2)
     with pytest.raises(RuntimeError, match='inference kernel'):
-        key_blocks.folded_attention(q, q, q, table, table, q, q, 2, 2, 2)
+        folded_rows.folded_attention(q, q, q, table, table, q, q, 2, 2, 2)
 
 
 def test_folded_policy():
     q = torch.zeros(1, 1, 64 * 64, 16)
-    plan = key_blocks.folded_columns
+    plan = folded_rows.folded_columns
     with torch.no_grad():
         # key blocks 16 + 16 + 16 = 48 > 32 channels: folded, 16 + 16 = 32
         assert plan(q, 32, 64, 64) == 16

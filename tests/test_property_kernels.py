@@ -24,7 +24,7 @@ from hypothesis import event, strategies as st
 from conftest import (PROFILES, check_property, dense_attention,
                       randomize_norms, rel_error)
 from lesa_mm.models import LESA
-from lesa_mm.models.layers import key_blocks
+from lesa_mm.models.layers import folded_rows, key_blocks
 
 #: Relative tolerance of the float64 comparisons.
 EXACT = 1e-10
@@ -136,9 +136,10 @@ class KernelLog:
 
     def __init__(self, monkeypatch):
         self.taken = []
-        for name in ('key_block_attention', 'folded_attention'):
-            kernel = getattr(key_blocks, name)
-            monkeypatch.setattr(key_blocks, name, self._spy(name, kernel))
+        for module, name in ((key_blocks, 'key_block_attention'),
+                             (folded_rows, 'folded_attention')):
+            kernel = getattr(module, name)
+            monkeypatch.setattr(module, name, self._spy(name, kernel))
 
     def _spy(self, name, kernel):
         def spy(*args, **kwargs):
@@ -345,7 +346,7 @@ def check_folded(case):
     row_s = torch.einsum('ngyxd,gyrd->ngyxr', qr, row_table).flatten(2, 3)
     col_s = torch.einsum('ngyxd,gxcd->ngyxc', qr, col_table).flatten(2, 3)
     with torch.no_grad():
-        out = key_blocks.folded_attention(
+        out = folded_rows.folded_attention(
             q, k, v, row_table, col_table, laid_out(row_s, case['layouts'][3]),
             laid_out(col_s, case['layouts'][4]), h, w, case['block_w'],
             case['chunk_bytes'])

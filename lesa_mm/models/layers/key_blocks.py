@@ -1,26 +1,20 @@
-"""CPU key blocks: runtime optimisations of LESA's fused ``detection_qr``
-attention.
+"""CPU key blocks: the eager-mode training kernel of LESA's fused
+``detection_qr`` attention (``docs/lesa.md`` section 7.4), and the CPU
+flash-attention wrappers it shares with :mod:`.folded_rows`.
 
 ``softmax_j(q_s[i].k[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with the
-keys split into blocks of the feature map whose outputs merge exactly by
-their log-sum-exp (see ``docs/lesa.md``):
+keys split into ``h x w`` blocks of the feature map, whose outputs merge
+exactly by their log-sum-exp: within a block only ``h`` rows and ``w``
+columns occur, so its augmented head is ``dq + h + w`` wide instead of
+``dq + H + W`` (the one-call path's). Exact gradient.
 
-* :func:`key_block_attention`: ``h x w`` blocks. Within a block only ``h``
-  rows and ``w`` columns occur, so its augmented head is ``dq + h + w`` wide
-  instead of ``dq + H + W`` (the one-call path's). Exact gradient.
-* :func:`folded_attention` (inference): the queries of one map row against
-  keys that carry that row's row logits, in blocks of whole columns: heads
-  ``dq + w`` wide, the value width for ``w = dv - dq``.
-
-Both run on PyTorch's CPU flash-attention kernel, whose private ATen ops
-return the log-sum-exp and take it back in the backward. Fallback: where
-those ops are missing, on other devices, and while a graph is traced,
-exported or compiled (the Python loops are not a graph), the planners
-:func:`key_blocks` and :func:`folded_columns` return ``None`` and the
-caller takes the one-call path, which computes the same attention.
+It runs on PyTorch's CPU flash-attention kernel, whose private ATen ops
+return the log-sum-exp and take it back in the backward. Where those ops
+are missing, on other devices, and while a graph is traced, exported or
+compiled (the Python loops are not a graph), the planner :func:`key_blocks`
+returns ``None`` and :func:`.decomposed_kernels.decomposed_attention` takes
+the one-call path, which computes the same attention.
 """
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -31,8 +25,6 @@ from .capture import is_graph_capture
 KEY_BLOCK = 16
 #: Bytes of augmented queries per attention call of that path.
 KEY_BLOCK_CHUNK_BYTES = 4 << 20
-#: Bytes of folded keys per attention call of :func:`folded_attention`.
-FOLDED_CHUNK_BYTES = 16 << 20
 
 _cpu_flash_op = getattr(torch.ops.aten,
                         '_scaled_dot_product_flash_attention_for_cpu', None)
@@ -41,12 +33,12 @@ _cpu_flash_backward_op = getattr(
     None)
 
 
-def _unit_stride(t):
+def unit_stride(t):
     """``t`` with a contiguous last dimension (``t`` itself if it has one)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _cpu_flash(q, k, v):
+def cpu_flash(q, k, v):
     """PyTorch's CPU flash-attention kernel at scale 1: ``(out, lse)``.
 
     The private op reads every tensor as if its last dimension were
@@ -55,19 +47,19 @@ def _cpu_flash(q, k, v):
     read as ``(..., 1, L)`` gives a silently wrong result. Every input is
     given a contiguous last dimension here (a copy only where it lacks one).
     """
-    return _cpu_flash_op(_unit_stride(q), _unit_stride(k), _unit_stride(v),
+    return _cpu_flash_op(unit_stride(q), unit_stride(k), unit_stride(v),
                          scale=1.0)[:2]
 
 
-def _cpu_flash_backward(grad_out, q, k, v, out, lse):
+def cpu_flash_backward(grad_out, q, k, v, out, lse):
     """The backward of :func:`_cpu_flash` (``grad_q, grad_k, grad_v``),
     its inputs likewise given a contiguous last dimension."""
     return _cpu_flash_backward_op(
-        *(_unit_stride(t) for t in (grad_out, q, k, v, out, lse)), 0.0,
+        *(unit_stride(t) for t in (grad_out, q, k, v, out, lse)), 0.0,
         False, scale=1.0)
 
 
-def _block_side(size, target):
+def block_side(size, target):
     """The side of near-equal blocks of at most ``target`` tiling ``size``
     (the last block may overhang by less than one block)."""
     count = -(-size // target)
@@ -84,7 +76,7 @@ def key_blocks(q_s, height, width, target=None):
     if q_s.device.type != 'cpu' or _cpu_flash_op is None or \
             _cpu_flash_backward_op is None or is_graph_capture():
         return None
-    h, w = _block_side(height, target), _block_side(width, target)
+    h, w = block_side(height, target), block_side(width, target)
     dq = q_s.shape[-1]
     if 2 * (dq + h + w) > dq + height + width:
         return None
@@ -215,7 +207,7 @@ class _KeyBlockAttention(torch.autograd.Function):
         chunks = layout.query_chunks(length, chunk_bytes)
         for head in range(heads):
             for part in chunks:
-                o, lse_part = _cpu_flash(
+                o, lse_part = cpu_flash(
                     layout.queries(q_s[head, part], row_p[head, part],
                                    col_p[head, part]).unsqueeze(1),
                     k_aug[head], v_aug[head])
@@ -259,7 +251,7 @@ class _KeyBlockAttention(torch.autograd.Function):
                 grad_block = (weights * F.pad(grad_out[head, part],
                                               (0, size - dv))).to(q_s.dtype)
                 merged = F.pad(out[head, part], (0, size - dv))
-                gq, gk, gv = _cpu_flash_backward(
+                gq, gk, gv = cpu_flash_backward(
                     grad_block.view(count, 1, n, size), q_aug, k_aug[head],
                     v_aug[head], merged.expand(count, 1, n, size),
                     lse_part.view(count, 1, n))
@@ -309,176 +301,4 @@ def key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
         *(t.reshape(n * g, length, t.shape[-1])
           for t in (q_s, k, v, row_s, col_s)),
         height, width, *blocks, chunk_bytes)
-    return out.view(n, g, length, dv)
-
-
-# ------------------------------------------------------------ folded rows
-def folded_columns(q, dv, height, width):
-    """Column-block width of :func:`folded_attention` for queries ``q (...,
-    dq)``, or ``None`` where the key blocks (:func:`key_blocks`) or the
-    one-call path are taken instead.
-
-    Folding each query row's row logits into the keys leaves heads
-    ``dq + w`` wide for key blocks of ``w`` whole columns; with
-    ``w = dv - dq`` the heads reach the value width, below which no
-    equal-width fused kernel goes. The folded kernel is taken without
-    autograd (inference), where the key blocks would run wider than ``dv``
-    and at least 8 columns fit a block. With autograd the key blocks are
-    taken: the flash backward over the folded layout, whose values repeat
-    for every query row, costs more than the folded forward saves.
-    """
-    dq = q.shape[-1]
-    blocks = key_blocks(q, height, width)
-    if torch.is_grad_enabled() or blocks is None or dv - dq < 8 or \
-            dq + sum(blocks) <= dv:
-        return None
-    return _block_side(max(height, width), dv - dq)
-
-
-class _FoldedLayout:
-    """Queries grouped by map row; keys that carry that row's row logits;
-    key blocks of whole columns.
-
-    For the queries of row ``r`` the logit ``q_i.k_j + q_i.Th[r_j - r] +
-    col_s[i, c_j]`` is ``q_i.k'_j + col_s[i, c_j]`` with the folded keys
-    ``k'_j = k_j + Th[r_j - r]`` (``k`` and ``Th`` already scaled). Keys of
-    ``H x w`` blocks of columns then need heads ``dq + w`` wide: ``[q_i,
-    col_s[i, block cols]]`` against ``[k'_j, onehot(c_j - c0)]``, zero-padded
-    to the value width. Columns that pad the map to whole blocks get a
-    column logit of ``finfo.min / 4``, a weight of exactly zero.
-    """
-
-    def __init__(self, height, width, block_w, dq, dv, dtype):
-        self.height, self.width = height, width
-        self.cols = -(-width // block_w)
-        self.w = block_w
-        self.pad_w = self.cols * block_w - width
-        self.dq, self.dv = dq, dv
-        self.size = max(dq + block_w, dv)
-        self.dtype = dtype
-
-    def key_buffer(self, rows, like):
-        """``(rows, cols, H, w, size)`` folded keys of ``rows`` query rows,
-        their one-hot and zero channels filled (:meth:`fold_keys` writes the
-        rest)."""
-        w, dq = self.w, self.dq
-        buf = like.new_empty(rows, self.cols, self.height, w, self.size)
-        buf[..., dq:dq + w] = torch.eye(w, dtype=like.dtype,
-                                        device=like.device)
-        buf[..., dq + w:] = 0
-        return buf
-
-    def key_blocks(self, k):
-        """``(L, c)`` -> ``(cols, H, w, c)``, zero-padded columns."""
-        c = k.shape[-1]
-        k = F.pad(k.view(self.height, self.width, c), (0, 0, 0, self.pad_w))
-        return k.view(self.height, self.cols, self.w, c).transpose(0, 1)
-
-    def fold_keys(self, buf, k_blocks, table, rows):
-        """``k'_j = k_j + Th[r_j - r]`` of the query rows ``rows``, written
-        into ``buf``: ``(rows, cols, H w, size)``; ``table (H, H, dq)`` is
-        ``[r, r_j] -> Th[r_j - r]``."""
-        n = rows.stop - rows.start
-        torch.add(k_blocks, table[rows, None, :, None, :],
-                  out=buf[:n, ..., :self.dq])
-        return buf[:n].flatten(2, 3)
-
-    def values(self, v):
-        """``(L, dv)`` -> ``(cols, H w, size)``, its last dimension
-        contiguous (it is expanded over the query rows, so the kernel's
-        wrapper must not have to copy it)."""
-        v = F.pad(self.key_blocks(v), (0, self.size - self.dv))
-        return _unit_stride(v.flatten(1, 2))
-
-    def queries(self, q, col_s):
-        """``[q_i, col_s[i, block cols]]``: ``(H, cols, W, size)``."""
-        h, wd, dq, w = self.height, self.width, self.dq, self.w
-        never = torch.finfo(self.dtype).min / 4
-        q_aug = q.new_empty(h, self.cols, wd, self.size)
-        q_aug[..., dq + w:] = 0
-        q_aug[..., :dq] = q.view(h, 1, wd, dq)
-        q_aug[..., dq:dq + w] = F.pad(col_s, (0, self.pad_w), value=never) \
-            .view(h, wd, self.cols, w).transpose(1, 2)
-        return q_aug
-
-    def row_chunks(self, chunk_bytes):
-        """Slices of query rows with about ``chunk_bytes`` of folded keys."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_row = self.height * self.cols * self.w * self.size * elem
-        chunk = max(1, chunk_bytes // per_row)
-        return [slice(s, min(s + chunk, self.height))
-                for s in range(0, self.height, chunk)]
-
-
-def folded_attention(q, k_s, v, row_table, col_table, row_s, col_s, height,
-                     width, block_w, chunk_bytes=None):
-    """``softmax_j(q[i].k_s[j] + row_s[i, r_j] + col_s[i, c_j]) v[j]`` with
-    ``row_s[i, r] = q[i].row_table[r_i, r]``, for inference (no autograd).
-
-    The queries of each map row attend keys that carry that row's row
-    logits, in key blocks of ``block_w`` whole columns
-    (:class:`_FoldedLayout`): per head and chunk of query rows, one batched
-    call of the CPU flash kernel over every (query row, column block) pair,
-    merged over the column blocks by their log-sum-exp as in
-    :class:`_KeyBlockAttention`. A map taller than wide is transposed first
-    (the column logits folded), so that the folded keys are copied
-    ``min(H, W)`` times.
-
-    Args:
-        q (Tensor): Queries ``(N, g, L, dq)`` (the content scale is in
-            ``k_s``).
-        k_s (Tensor): Scaled keys ``(N, g, L, dq)``.
-        v (Tensor): Values ``(N, g, L, dv)``.
-        row_table (Tensor): Scaled row table ``(g, H, H, dq)``,
-            ``[r_i, r_j] -> Th[r_j - r_i]``.
-        col_table (Tensor): Scaled column table ``(g, W, W, dq)``, likewise.
-        row_s (Tensor): Row logits ``(N, g, L, H)``, as above.
-        col_s (Tensor): Column logits ``(N, g, L, W)``, likewise.
-        height (int): ``H``.
-        width (int): ``W``.
-        block_w (int): Columns (rows, if transposed) per key block.
-        chunk_bytes (int, optional): Folded keys per kernel call, about.
-            Defaults to ``FOLDED_CHUNK_BYTES``.
-
-    Returns:
-        Tensor: ``(N, g, L, dv)``.
-    """
-    if torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k_s, v, row_table, col_table, col_s)):
-        raise RuntimeError('folded_attention is an inference kernel; with '
-                           'autograd use key_block_attention')
-    chunk_bytes = FOLDED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if height <= width:
-        return _folded_rows(q, k_s, v, row_table, col_s, height, width,
-                            block_w, chunk_bytes)
-
-    def transpose(x, h=height, w=width):
-        return x.unflatten(2, (h, w)).transpose(2, 3).flatten(2, 3)
-
-    # fold the columns: the rows of the transposed map
-    out = _folded_rows(*(transpose(t) for t in (q, k_s, v)), col_table,
-                       transpose(row_s), width, height, block_w, chunk_bytes)
-    return transpose(out, width, height)
-
-
-def _folded_rows(q, k_s, v, row_table, col_s, height, width, block_w,
-                 chunk_bytes):
-    """:func:`folded_attention`, the row logits folded."""
-    n, g, length, dq = q.shape
-    dv = v.shape[-1]
-    layout = _FoldedLayout(height, width, block_w, dq, dv, q.dtype)
-    chunks = layout.row_chunks(chunk_bytes)
-    keys = layout.key_buffer(chunks[0].stop, q)
-    out = q.new_empty(n, g, height, width, dv)
-    for b, h in itertools.product(range(n), range(g)):
-        q_aug = layout.queries(q[b, h], col_s[b, h])
-        k_blocks = layout.key_blocks(k_s[b, h])
-        v_aug = layout.values(v[b, h])
-        for rows in chunks:
-            o, lse = _cpu_flash(
-                q_aug[rows], layout.fold_keys(keys, k_blocks, row_table[h],
-                                              rows),
-                v_aug.expand(rows.stop - rows.start, *v_aug.shape))
-            weights = lse.softmax(dim=1).unsqueeze(-1)
-            torch.sum(o[..., :dv] * weights, dim=1, out=out[b, h, rows])
     return out.view(n, g, length, dv)

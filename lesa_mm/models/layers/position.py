@@ -10,8 +10,10 @@ Two kinds, chosen by ``pe_type`` (see ``docs/lesa.md`` section 3):
 Each encoding carries its whole behaviour (the interface of
 :class:`RelativePosition`): its tables, its position logits and outputs for
 the spec's direct formulation (:func:`.attention.reference_attention`), and
-its exact memory-efficient attention (``fused_attention``). A third encoding
-is one more class here, registered in :data:`POSITION_ENCODINGS`.
+its exact memory-efficient attention (``fused_attention``: the batch
+statistics of its logits, then its kernel module, :mod:`.decomposed_kernels`
+or :mod:`.flattened_kernels`). A third encoding is one more class here,
+registered in :data:`POSITION_ENCODINGS`.
 """
 import math
 import numbers
@@ -21,11 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.utils import to_2tuple
 
-from . import key_blocks
-from .attention import (autocast_dtype, cast, content_moments,
-                        exact_moments, first_derivative_only,
-                        one_call_attention)
 from .capture import is_shape_generic_capture
+from .decomposed_kernels import decomposed_attention
+from .flattened_kernels import flattened_attention, per_position
+from .kernel_utils import cast, content_moments, exact_moments
 
 
 def _check_feat_size(feat_size):
@@ -46,48 +47,11 @@ def relative_index(n_query: int, n_key: int, offset: int,
     return k[None, :] - q[:, None] + offset
 
 
-def _per_position(x):
-    """``(N, g, c, L) -> (L, N g, c)``, contiguous: per position, the
-    vectors of every head and image, the operand layout of the products
-    batched over positions."""
-    n, g, c, length = x.shape
-    return x.permute(3, 0, 1, 2).reshape(length, n * g, c).contiguous()
-
-
 def _window_sums(x, length):
     """``out[..., i] = sum_{m=i}^{i+L-1} x[..., m]`` for ``x (..., 2L-1)``:
     differences of a running sum, ``O(L)`` per row."""
     running = F.pad(x.cumsum(-1), (1, 0))
     return running[..., length:] - running[..., :length]
-
-
-class _Permuted(torch.autograd.Function):
-    """``x.permute(*dims)`` (a view) whose backward hands the gradient back
-    contiguous in ``x``'s layout.
-
-    The products batched over positions take their operands with the
-    positions outermost; the tensors they feed (the logits, the layer's
-    output) are laid out with the positions innermost. Permuted back by
-    autograd alone, their gradient is strided along every axis, and a
-    batched product copies such an operand matrix by matrix; here it is
-    copied once. The backward is made of differentiable operators, so
-    higher derivatives still flow.
-    """
-
-    generate_vmap_rule = True  # (torch.func transforms of a compiled graph)
-
-    @staticmethod
-    def forward(x, dims):
-        return x.permute(*dims)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        dims = inputs[1]
-        ctx.inverse = [dims.index(axis) for axis in range(len(dims))]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.permute(*ctx.inverse).contiguous(), None
 
 
 class RelativePosition(nn.Module):
@@ -288,38 +252,16 @@ class DecomposedRelPos2d(RelativePosition):
     def fused_attention(self, q, k, v, logit_norm, height, width):
         """``softmax_j(a q_i.k_j + b (R[i, r_j] + C[i, c_j])) v_j`` with the
         per-head scales ``a, b`` of ``BNsim`` (its shift is constant over
-        the keys), on fused attention kernels over augmented queries and
-        keys (:func:`.attention.one_call_attention`, or on the CPU in eager
-        mode :func:`.key_blocks.folded_attention` or
-        :func:`.key_blocks.key_block_attention`): no ``L x L`` tensor.
-        """
+        the keys; batch statistics in closed form, :meth:`_moments`), on the
+        kernel :func:`.decomposed_kernels.decomposed_attention` chooses: no
+        ``L x L`` tensor."""
         tables = self.tables(height, width)
         # (N, g, L, H), (N, g, L, W)
         row, col = self.axis_logits(q, height, width, tables)
         scale = logit_norm.scales(
             lambda: exact_moments(self._moments, q, k, row, col))
-        g = q.shape[1]
-        dtype = autocast_dtype(q.device.type) or q.dtype
-        a, b = cast(scale.view(2, 1, g, 1, 1), dtype)
-        q_t = cast(q.transpose(-1, -2), dtype)
-        row_s, col_s = cast(row, dtype) * b, cast(col, dtype) * b
-        k_t, v_t = (cast(t.transpose(-1, -2), dtype) for t in (k, v))
-        fold_w = key_blocks.folded_columns(q_t, v.shape[2], height, width)
-        if fold_w is not None:
-            th, tw = (b.view(g, 1, 1, 1) * cast(t, dtype) for t in tables)
-            out = key_blocks.folded_attention(q_t, k_t * a, v_t, th, tw,
-                                              row_s, col_s, height, width,
-                                              fold_w)
-            return [out.transpose(-1, -2)]
-        q_s = q_t * a
-        blocks = key_blocks.key_blocks(q_s, height, width)
-        if blocks is not None:
-            out = key_blocks.key_block_attention(q_s, k_t, v_t, row_s, col_s,
-                                                 height, width, blocks)
-        else:
-            out = one_call_attention(q_s, k_t, v_t, row_s, col_s, height,
-                                     width)
-        return [first_derivative_only(out.transpose(-1, -2))]
+        return [decomposed_attention(q, k, v, scale, tables, row, col, height,
+                                     width)]
 
     def extra_repr(self):
         return f'feat_size={self.feat_size}, head_channels={self.head_channels}'
@@ -401,7 +343,7 @@ class FlattenedRelPos1d(RelativePosition):
         ``sum_j S_qr[i, j]^2 = q_i^T G_i q_i`` with ``A_i`` and ``G_i`` the
         sums of ``e_m`` and ``e_m e_m^T`` over that window (likewise for
         ``S_kr`` over the keys). ``q_pos`` and ``k_pos`` are ``q`` and ``k``
-        laid out per position (:func:`_per_position`)."""
+        laid out per position (:func:`.flattened_kernels.per_position`)."""
         length = q.shape[-1]
         d = self.head_channels
         table = cast(self.relative, q.dtype)
@@ -422,53 +364,15 @@ class FlattenedRelPos1d(RelativePosition):
     def fused_attention(self, q, k, v, logit_norm, height, width):
         """``softmax_j(a q_i.k_j + b S_qr + c S_kr)`` with the per-head
         scales of ``BNsim`` (its shift is constant over the keys), batch
-        statistics in closed form (:meth:`_moments`).
-
-        The keys and values are taken in reverse order, ``j' = L - 1 - j``
-        (softmax and the weighted sums do not depend on the order). Then
-        the offset ``i - j`` is column ``i + j'`` of the table, so the
-        ``L`` offsets that query ``i`` meets are one sliding window of the
-        table, a strided view (``unfold``) that no copy materialises; the
-        key term reads the windows of the flipped ``Ek`` the same way. The
-        position terms are products batched over the positions: query
-        ``i`` times its window gives its row of ``S_qr``, key ``j'`` times
-        its window its column of ``S_kr``, and the attention row of query
-        ``i`` times its window of ``Ev`` gives ``o_e[i]``. Each product
-        costs the method's ``L^2 c`` multiply-accumulates per head; the
-        scales multiply ``q`` and ``k`` before the products, so no pass
-        over the ``L x L`` logits normalises them.
-        """
-        n, g, d, length = q.shape
-        heads = n * g
-        q_pos, k_pos = _per_position(q), _per_position(k)  # (L, N g, dq)
+        statistics in closed form (:meth:`_moments`), on
+        :func:`.flattened_kernels.flattened_attention`: no ``(c, L, L)``
+        gather of the table, no pass over the ``L x L`` logits to normalise
+        them."""
+        q_pos, k_pos = per_position(q), per_position(k)  # (L, N g, dq)
         scale = logit_norm.scales(
             lambda: exact_moments(self._moments, q, k, q_pos, k_pos))
-        dtype = autocast_dtype(q.device.type) or q.dtype
-        # per-head scales, over the (N g) heads
-        a, b, c = cast(scale, dtype).view(3, 1, g, 1).expand(3, n, g, 1) \
-            .reshape(3, 1, heads, 1)
-        eq, ek, ev = cast(self.relative, dtype).split(
-            [d, d, self.value_channels], dim=0)
-        # windows (c, L, L): [:, i, j'] -> column i + j'
-        win_q, win_k, win_v = (t.unfold(-1, length, 1)
-                               for t in (eq, ek.flip(-1), ev))
-        q_pos = cast(q_pos, dtype)
-        k_rev = cast(k_pos, dtype).flip(0)  # (j', N g, dq)
-        s_qr = torch.bmm(q_pos * b, win_q.transpose(0, 1))  # (i, N g, j')
-        s_kr = torch.bmm(k_rev * c, win_k.transpose(0, 1))  # (j', N g, i)
-        logits = torch.baddbmm(s_qr.transpose(0, 1),
-                               (q_pos * a).transpose(0, 1),
-                               k_rev.permute(1, 2, 0))  # (N g, i, j')
-        logits += _Permuted.apply(s_kr, (1, 2, 0))
-        attn = logits.softmax(dim=-1)
-        # o_e first: autograd then meets o_v's gradient of the attention
-        # first and accumulates o_e's into it, in the attention's layout
-        o_e = torch.bmm(attn.transpose(0, 1), win_v.permute(1, 2, 0))
-        v_rev = cast(v, dtype).flip(-1).flatten(0, 1).transpose(1, 2)
-        o_v = torch.bmm(attn, v_rev)  # (N g, i, dv)
-        dv = self.value_channels
-        return [o_v.view(n, g, length, dv).transpose(-1, -2),
-                _Permuted.apply(o_e.view(length, n, g, dv), (1, 2, 3, 0))]
+        return flattened_attention(q, k, v, q_pos, k_pos, scale,
+                                   self.relative)
 
     def logit_macs(self, height: int, width: int) -> int:
         """Multiply-accumulates of one head's position logits and value
