@@ -142,3 +142,20 @@ def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit) as exc:
         tool.parse_args(argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_compile_mode_on_the_imagenet_backbone(tool):
+    """``--mode compile`` of the full LESA-ResNet-50 ImageNet backbone (eval,
+    batch 1) against ResNet-50: each captured in one graph, without breaks,
+    and compiled (the compile times are printed by the tool, not checked
+    here)."""
+    config = os.path.join(REPO_ROOT, 'configs', 'lesa',
+                          'lesa-resnet50_4xb32_in1k.py')
+    rows = tool.main(['--subject', 'model', config, '--mode', 'compile'] +
+                     QUICK, out=open(os.devnull, 'w'))
+    assert [r['name'] for r in rows] == ['ours', 'stock']
+    for row in rows:
+        assert (row['graphs'], row['graph_breaks']) == (1, 0)
+        assert row['compile_s'] > 0 and row['time'] > 0
+    assert rows[0]['ops'] > rows[1]['ops']  # the attention is in the graph
