@@ -81,7 +81,8 @@ def under_functorch(tensor):
     term takes the reference kernel there. While a graph is compiled or
     exported the answer is no: dynamo cannot trace the query (it would
     break the graph at every layer), and a captured graph runs the
-    shape-generic formulations, made of plain operators."""
+    shape-generic formulations, which torch.func transforms handle (a
+    compiled ``torch.func.grad`` of the layer matches eager mode)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
