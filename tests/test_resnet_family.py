@@ -157,3 +157,42 @@ def test_depth_152():
     assert [len(getattr(model, f'layer{i}')) for i in (1, 2, 3, 4)] == \
         [3, 8, 36, 3]
     assert sum(isinstance(m, LESA) for m in model.modules()) == 35 + 3
+
+
+def test_layer_depth_for_layer_wise_lr_decay():
+    """``get_layer_depth`` gives every parameter the layer id MMPretrain's
+    ResNet gives the same name (LESA parameters take their block's), and
+    MMPretrain's ``LearningRateDecayOptimWrapperConstructor`` builds an
+    ImageClassifier with a LESA backbone: deeper parameters get larger
+    learning rates."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.models.backbones import ResNet as PretrainResNet
+    from mmpretrain.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    stock = PretrainResNet(depth=50, base_channels=16, stem_channels=16)
+    ours = LESAResNet(depth=50, base_channels=16, stem_channels=16,
+                      feat_sizes=(16, 8, 4, 4))
+    for name, _ in ours.named_parameters():
+        stock_name = name if '.conv2.' not in name else \
+            name.split('.conv2.')[0] + '.conv2.weight'
+        assert ours.get_layer_depth('backbone.' + name, 'backbone.') == \
+            stock.get_layer_depth('backbone.' + stock_name, 'backbone.'), name
+    assert ours.get_layer_depth('head.fc.weight', 'backbone.') == (7, 8)
+    init_default_scope('mmpretrain')
+    model = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='LESAResNet', depth=50, base_channels=16,
+                      stem_channels=16, feat_sizes=(16, 8, 4, 4)),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=3, in_channels=512)))
+    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+        type='LearningRateDecayOptimWrapperConstructor',
+        optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=dict(
+            type='SGD', lr=0.1, weight_decay=1e-4)),
+        paramwise_cfg=dict(layer_decay_rate=0.5)))
+    groups = constructor(model).optimizer.param_groups
+    lr = {id(p): group['lr'] for group in groups for p in group['params']}
+    stem = lr[id(model.backbone.conv1.weight)]
+    attention = lr[id(model.backbone.layer3[1].conv2.binary.qkv.weight)]
+    head = lr[id(model.head.fc.weight)]
+    assert stem < attention < head == 0.1
+    assert attention == lr[id(model.backbone.layer3[1].conv1.weight)]

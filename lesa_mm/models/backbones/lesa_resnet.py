@@ -313,6 +313,7 @@ class LESAResNet(BaseModule):
             raise ValueError(f'{owner} frozen_stages must be in '
                              f'[-1, {num_stages}], got {frozen_stages!r}')
         self.depth = depth
+        self.stage_blocks = stage_blocks
         self.base_channels = base_channels
         self.width_per_group = width_per_group
         self.out_indices = tuple(int(i) for i in out_indices)
@@ -345,6 +346,16 @@ class LESAResNet(BaseModule):
         self._freeze_stages()
         # adapt whatever checkpoint is loaded, by whichever route
         self._register_load_state_dict_pre_hook(self._adapt_on_load)
+
+    def get_layer_depth(self, param_name, prefix=''):
+        """The layer id of a parameter and the number of layer ids, for
+        MMPretrain's layer-wise learning-rate decay
+        (``LearningRateDecayOptimWrapperConstructor``): MMPretrain's
+        ``ResNet`` rule on this backbone's :attr:`stage_blocks` (every
+        parameter of a block, its LESA layer's included, has the block's
+        depth)."""
+        from mmpretrain.models.backbones import ResNet
+        return ResNet.get_layer_depth(self, param_name, prefix)
 
     def block_width(self, planes):
         """Width and groups of the 3x3 conv of a stage's bottlenecks."""
