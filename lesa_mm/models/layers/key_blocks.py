@@ -52,7 +52,7 @@ def cpu_flash(q, k, v):
 
 
 def cpu_flash_backward(grad_out, q, k, v, out, lse):
-    """The backward of :func:`_cpu_flash` (``grad_q, grad_k, grad_v``),
+    """The backward of :func:`cpu_flash` (``grad_q, grad_k, grad_v``),
     its inputs likewise given a contiguous last dimension."""
     return _cpu_flash_backward_op(
         *(unit_stride(t) for t in (grad_out, q, k, v, out, lse)), 0.0,
@@ -287,7 +287,7 @@ def key_block_attention(q_s, k, v, row_s, col_s, height, width, blocks,
     processed in chunks of about ``chunk_bytes`` of augmented queries.
 
     Arguments ``q_s`` to ``width`` and the return value are those of
-    :func:`lesa_mm.models.layers.attention.one_call_attention`, and:
+    :func:`lesa_mm.models.layers.decomposed_kernels.one_call_attention`, and:
 
     Args:
         blocks (tuple[int, int]): Block height ``h`` and width ``w``.
