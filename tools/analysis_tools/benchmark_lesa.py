@@ -61,6 +61,31 @@ from mmengine.utils import to_2tuple
 from lesa_mm.benchmark import BASELINES, measure, profile
 
 
+#: Per table (``--mode compile``, or a timed mode): each ratio to the last
+#: subject and the field it divides.
+RATIOS = dict(
+    compile=dict(compile_ratio='compile_s', time_ratio='time'),
+    timed=dict(time_ratio='time', mem_ratio='peak_mib',
+               flops_ratio='flops'))
+#: Per table: its columns after the subject, as (header, cell of a row).
+COLUMNS = dict(
+    compile=[('graphs', lambda r: f'{r["graphs"]}'),
+             ('graph breaks', lambda r: f'{r["graph_breaks"]}'),
+             ('operators', lambda r: f'{r["ops"]}'),
+             ('compile + first call (s)', lambda r: f'{r["compile_s"]:.1f}'),
+             ('compile ratio', lambda r: f'{r["compile_ratio"]:.2f}'),
+             ('compiled step (ms)', lambda r: f'{r["time"] * 1e3:.1f}'),
+             ('time ratio', lambda r: f'{r["time_ratio"]:.2f}')],
+    timed=[('time/step (ms)', lambda r: f'{r["time"] * 1e3:.1f}'),
+           ('runs', lambda r: f'{r["runs"]}'),
+           ('peak mem (MiB)', lambda r: f'{r["peak_mib"]:.0f}'),
+           ('before steps (MiB)', lambda r: f'{r["base_mib"]:.0f}'),
+           ('time ratio', lambda r: f'{r["time_ratio"]:.2f}'),
+           ('mem ratio', lambda r: f'{r["mem_ratio"]:.2f}'),
+           ('GFLOPs (1 image)', lambda r: f'{r["flops"] / 1e9:.3g}'),
+           ('FLOPs ratio', lambda r: f'{r["flops_ratio"]:.2f}')])
+
+
 def run_in_subprocess(spec):
     """:func:`measure` in a fresh Python process (its own peak RSS), with
     ``spec['threads']`` (if set) in its environment."""
@@ -105,32 +130,16 @@ def run(args, out=None):
           f'{args.shape[0]}x{args.shape[1]}, {args.device}, '
           f'{rows[0]["threads"]} threads\n', file=out)
     base = rows[-1]
-    if args.mode == 'compile':
-        for row in rows:
-            row.update(compile_ratio=row['compile_s'] / base['compile_s'],
-                       time_ratio=row['time'] / base['time'])
-        print('| subject | graphs | graph breaks | operators | compile + '
-              'first call (s) | compile ratio | compiled step (ms) | time '
-              'ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|', file=out)
-        for r in rows:
-            print(f'| {r["name"]} | {r["graphs"]} | {r["graph_breaks"]} | '
-                  f'{r["ops"]} | {r["compile_s"]:.1f} | '
-                  f'{r["compile_ratio"]:.2f} | {r["time"] * 1e3:.1f} | '
-                  f'{r["time_ratio"]:.2f} |', file=out)
-        return rows
+    table = 'compile' if args.mode == 'compile' else 'timed'
     for row in rows:
-        row.update(time_ratio=row['time'] / base['time'],
-                   mem_ratio=row['peak_mib'] / base['peak_mib'],
-                   flops_ratio=row['flops'] / base['flops'])
-    print('| subject | time/step (ms) | runs | peak mem (MiB) | before steps '
-          '(MiB) | time ratio | mem ratio | GFLOPs (1 image) | FLOPs ratio '
-          '|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|', file=out)
+        row.update({ratio: row[field] / base[field]
+                    for ratio, field in RATIOS[table].items()})
+    columns = COLUMNS[table]
+    print('| subject | ' + ' | '.join(h for h, _ in columns) + ' |\n|---|' +
+          '---:|' * len(columns), file=out)
     for r in rows:
-        print(f'| {r["name"]} | {r["time"] * 1e3:.1f} | {r["runs"]} | '
-              f'{r["peak_mib"]:.0f} | {r["base_mib"]:.0f} | '
-              f'{r["time_ratio"]:.2f} | '
-              f'{r["mem_ratio"]:.2f} | {r["flops"] / 1e9:.3g} | '
-              f'{r["flops_ratio"]:.2f} |', file=out)
+        print(f'| {r["name"]} | ' + ' | '.join(cell(r) for _, cell in columns)
+              + ' |', file=out)
     return rows
 
 
