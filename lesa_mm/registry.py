@@ -17,4 +17,18 @@ from mmengine.registry import DATASETS, HOOKS, MODELS, WEIGHT_INITIALIZERS
 ROOT_MODELS = MODELS
 
 __all__ = ['ROOT_MODELS', 'MODELS', 'DATASETS', 'HOOKS',
-           'WEIGHT_INITIALIZERS']
+           'WEIGHT_INITIALIZERS', 'register_on_first_use']
+
+
+def register_on_first_use(registry, name, define, where):
+    """Register ``name`` in ``registry`` as a builder of the class that
+    ``define()`` returns, so that the class (and what defining it imports)
+    is defined on the first build, not at import. ``where`` names the module
+    that documents the class."""
+
+    def build(*args, **kwargs):
+        return define()(*args, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f'Build a {name} (see {where}).'
+    registry.register_module(name=name, module=build)

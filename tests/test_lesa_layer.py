@@ -232,6 +232,25 @@ def test_deformable_unary_matches_spec(pe_type, feat):
     assert_close(layer(x), y_ref, rtol=1e-4, atol=1e-4, what='dcn output')
 
 
+def test_dilation_dilates_the_unary_convolution_only():
+    """``dilation`` (a layer in a dilated ResNet stage) dilates the unary
+    3x3, padded to keep the size; the binary term is unchanged."""
+    torch.manual_seed(0)
+    plain = LESA(16, 32, 7, groups=4).eval()
+    dilated = LESA(16, 32, 7, groups=4, dilation=3).eval()
+    dilated.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 7, 7)
+    unary = plain.unary
+    with torch.no_grad():
+        expected = unary.norm(unary.pointwise(torch.nn.functional.conv2d(
+            x, unary.conv.weight, padding=3, dilation=3, groups=4)))
+        torch.testing.assert_close(dilated.unary(x), expected, rtol=0,
+                                   atol=1e-6)
+        assert not torch.allclose(dilated.unary(x), unary(x))
+        assert torch.equal(dilated.binary(x), plain.binary(x))
+        assert dilated(x).shape == plain(x).shape == (2, 32, 7, 7)
+
+
 def test_sizes_and_pooling_shapes():
     """A strided layer gives a strided convolution's size, ceil(H / s):
     odd sides keep their last row or column, whose windows average the
@@ -325,6 +344,8 @@ def test_spec_initialisation():
      r'feat_size .* got \(4, 0\)'),
     (dict(in_channels=32, out_channels=32, feat_size=4, with_cp='yes'),
      "with_cp must be True or False, got 'yes'"),
+    (dict(in_channels=32, out_channels=32, feat_size=4, dilation=0),
+     r'dilation must be an int >= 1, got 0'),
 ])
 def test_bad_arguments_raise_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -15,6 +15,11 @@ from lesa_mm.models import LESA, LESAResNet, LESAResNeXt
 NO_LESA = dict(stage_with_lesa=(False, ) * 4, strides=(1, 2, 2, 2),
                out_indices=(0, 1, 2, 3))
 
+PLUGINS = [dict(cfg=dict(type='ContextBlock', ratio=1. / 4, postfix=1),
+                stages=(False, True, True, True), position='after_conv2'),
+           dict(cfg=dict(type='ContextBlock', ratio=1. / 16, postfix=2),
+                stages=(False, False, True, True), position='after_conv3')]
+
 # (stock class, stock arguments, LESA class, its extra arguments)
 STOCK = {
     'resnet50': (ResNet, dict(depth=50), LESAResNet, {}),
@@ -26,6 +31,18 @@ STOCK = {
                         LESAResNeXt, {}),
     'resnext101-32x4d': (ResNeXt, dict(depth=101, groups=32, base_width=4),
                          LESAResNeXt, {}),
+    # what the stock ResNet offers beyond those: dilation, the caffe
+    # style, plugins (a ResNeXt rebuilds its plugins at the block width)
+    'resnet50-dilated': (ResNet, dict(depth=50, strides=(1, 2, 1, 1),
+                                      dilations=(1, 1, 2, 4)),
+                         LESAResNet, {}),
+    'resnet50-caffe': (ResNet, dict(depth=50, style='caffe'), LESAResNet,
+                       {}),
+    'resnet50-plugins': (ResNet, dict(depth=50, plugins=PLUGINS),
+                         LESAResNet, {}),
+    'resnext50-32x4d-plugins': (ResNeXt, dict(depth=50, groups=32,
+                                              base_width=4, plugins=PLUGINS),
+                                LESAResNeXt, {}),
 }
 
 
@@ -33,7 +50,9 @@ STOCK = {
 def test_without_lesa_equals_the_stock_backbone(name):
     stock_cls, args, lesa_cls, extra = STOCK[name]
     stock = randomize_norms(stock_cls(norm_eval=False, **args))
-    ours = lesa_cls(**NO_LESA, **args, **extra)
+    ours = lesa_cls(**{**NO_LESA, **args, **extra})
+    # a subclass of MMDetection's ResNet (ResNeXt)
+    assert isinstance(ours, ResNeXt if stock_cls is ResNeXt else ResNet)
     assert not any(isinstance(m, LESA) for m in ours.modules())
     expected = stock.state_dict()
     state = ours.state_dict()
@@ -196,3 +215,53 @@ def test_layer_depth_for_layer_wise_lr_decay():
     head = lr[id(model.head.fc.weight)]
     assert stem < attention < head == 0.1
     assert attention == lr[id(model.backbone.layer3[1].conv1.weight)]
+
+
+def test_lesa_in_dilated_stages_dilates_its_unary_conv():
+    """A dilated stage (stride 1, dilation d) keeps its resolution; its LESA
+    layers are built for that size and dilate their unary 3x3 by d, as the
+    ordinary 3x3s are."""
+    model = slim(LESAResNet, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                 feat_sizes=None, input_size=64,
+                 dcn=None, stage_with_dcn=(False, ) * 4)
+    for stage, dilation in zip((1, 2, 3, 4), (1, 1, 2, 4)):
+        for b, block in enumerate(getattr(model, f'layer{stage}')):
+            # stage outputs 16, 8, 8, 8; the strided block attends at 16
+            side = 16 if stage == 1 or (stage, b) == (2, 0) else 8
+            assert block.conv2.feat_size == (side, side)
+            assert block.conv2.unary.conv.dilation == (dilation, dilation)
+            assert block.conv2.unary.conv.padding == (dilation, dilation)
+    outs = model.eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(o.shape[2:]) for o in outs] == [(16, 16), (8, 8), (8, 8),
+                                                   (8, 8)]
+
+
+def test_caffe_style_strides_the_first_conv_and_lesa_attends_after_it():
+    model = slim(LESAResNet, style='caffe', dcn=None,
+                 stage_with_dcn=(False, ) * 4)
+    block = model.layer3[0]
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == 1
+    assert block.conv2.pool is None
+    assert block.conv2.feat_size == (6, 6)  # the stage's output size
+    outs = model.eval()(torch.randn(1, 3, 96, 96))
+    assert [tuple(o.shape[2:]) for o in outs] == [(24, 24), (12, 12), (6, 6),
+                                                   (3, 3)]
+
+
+@pytest.mark.parametrize('cls', [LESAResNet, LESAResNeXt])
+def test_plugins_around_lesa_layers(cls):
+    """Plugins sit after conv1, after the LESA layer and after conv3, at the
+    bottleneck width, and run in the forward pass."""
+    extra = dict(width_per_group=128) if cls is LESAResNet else {}
+    model = slim(cls, plugins=PLUGINS, dcn=None,
+                 stage_with_dcn=(False, ) * 4, **extra)
+    block = model.layer3[1]
+    assert isinstance(block.conv2, LESA)
+    after_lesa = getattr(block, block.after_conv2_plugin_names[0])
+    # stage 3: planes 64, width 128 (WRN-50-2; ResNeXt 8x4d at base 16)
+    assert after_lesa.in_channels == block.conv2.out_channels == \
+        block.conv1.out_channels == 128
+    calls = []
+    after_lesa.register_forward_hook(lambda *args: calls.append(1))
+    model.eval()(torch.randn(1, 3, 96, 96))
+    assert calls == [1]

@@ -26,7 +26,7 @@ import functools
 
 from mmengine.dist import barrier, get_rank
 
-from lesa_mm.registry import DATASETS
+from lesa_mm.registry import DATASETS, register_on_first_use
 from .synthetic import ensure_synthetic_data
 
 __all__ = ['SyntheticShapesCoco', 'SyntheticShapeFolders']
@@ -80,15 +80,6 @@ def __getattr__(name):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-def _register(name):
-
-    def build(*args, **kwargs):
-        return dataset_class(name)(*args, **kwargs)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f'Build the demo dataset {name} (see {__name__}).'
-    DATASETS.register_module(name=name, module=build)
-
-
 for _name in __all__:
-    _register(_name)
+    register_on_first_use(DATASETS, _name,
+                          functools.partial(dataset_class, _name), __name__)

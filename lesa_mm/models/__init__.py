@@ -1,4 +1,4 @@
-from .backbones import LESAResNet, LESAResNeXt
+from . import backbones
 from .layers import (DynamicGateFusion, LESA, LESABinary, LESAUnary,
                      SumFusion)
 
@@ -6,3 +6,9 @@ __all__ = [
     'LESA', 'LESAUnary', 'LESABinary', 'DynamicGateFusion', 'SumFusion',
     'LESAResNet', 'LESAResNeXt'
 ]
+
+
+def __getattr__(name):
+    if name in ('LESAResNet', 'LESAResNeXt'):  # defined on first use
+        return getattr(backbones, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

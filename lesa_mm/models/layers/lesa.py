@@ -102,6 +102,9 @@ class LESA(BaseModule):
             ``L x L`` tensor for ``'detection_qr'``; identical outputs,
             gradients and running statistics) or ``'reference'`` (the spec's
             direct formulation). Defaults to ``'fused'``.
+        dilation (int): Dilation of the unary term's 3x3 convolution, for a
+            layer in a dilated ResNet stage; the binary term is global and
+            has none. Defaults to 1 (the method's layer).
         init_cfg (dict | list[dict], optional): MMEngine init config.
             Without one, the layer keeps the initialisation its terms give
             themselves when built (see :meth:`init_weights`).
@@ -120,12 +123,14 @@ class LESA(BaseModule):
                  attn_impl='fused',
                  fusion=dict(type='DynamicGate'),
                  with_unary=True,
+                 dilation=1,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         in_channels = positive_int('LESA', 'in_channels', in_channels)
         out_channels = positive_int('LESA', 'out_channels', out_channels)
         groups = positive_int('LESA', 'groups', groups)
         stride = positive_int('LESA', 'stride', stride)
+        dilation = positive_int('LESA', 'dilation', dilation)
         with_cp = boolean('LESA', 'with_cp', with_cp)
         with_unary = boolean('LESA', 'with_unary', with_unary)
         if with_unary == (fusion is None):
@@ -163,7 +168,7 @@ class LESA(BaseModule):
         self.unary = None
         if with_unary:
             self.unary = LESAUnary(in_channels, out_channels, groups, dcn,
-                                   norm_cfg)
+                                   norm_cfg, dilation)
         self.binary = LESABinary(in_channels, out_channels, groups, feat_size,
                                  pe_type, norm_cfg, attn_impl)
         self.fusion = None

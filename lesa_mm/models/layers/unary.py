@@ -21,16 +21,18 @@ class LESAUnary(nn.Module):
         dcn (dict, optional): mmcv config of a deformable convolution used as
             the 3x3 convolution, e.g. ``dict(type='DCN', deform_groups=1)``.
         norm_cfg (dict): Config of the BatchNorm.
+        dilation (int): Dilation of the 3x3 convolution (padded by as much,
+            so the map keeps its size). Defaults to 1.
     """
 
     def __init__(self, in_channels, channels, groups, dcn=None,
-                 norm_cfg=dict(type='BN')):
+                 norm_cfg=dict(type='BN'), dilation=1):
         super().__init__()
         # LESA's unary conv never strides: fallback_on_stride has no use
         conv_cfg, _ = split_dcn_cfg(dcn)
         self.conv = build_conv_layer(
-            conv_cfg, in_channels, channels, kernel_size=3, padding=1,
-            groups=groups, bias=False)
+            conv_cfg, in_channels, channels, kernel_size=3, padding=dilation,
+            dilation=dilation, groups=groups, bias=False)
         self.pointwise = (nn.Conv2d(channels, channels, 1, bias=False)
                     if groups != 1 else None)
         self.norm = build_norm_layer(norm_cfg, channels)[1]
