@@ -313,9 +313,10 @@ def _resize_tables(model, resized):
             f'({sizes}); a DistributedDataParallel wrapper built before '
             f'this load cannot train parameters that changed shape. To '
             f'fine-tune this checkpoint with several processes, build the '
-            f'model with these feature sizes (model.backbone.feat_sizes: '
+            f'model with these feature sizes (model.backbone.feat_sizes, '
             f'the stage output sizes, a strided first LESA layer at twice '
-            f'its stage\'s)', logger='current', level=logging.WARNING)
+            f'its stage\'s, with input_size=None; or the input_size that '
+            f'gives them)', logger='current', level=logging.WARNING)
 
 
 def _log_notes(title, notes):

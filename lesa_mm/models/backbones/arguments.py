@@ -74,7 +74,8 @@ def checked_arguments(owner, depths, args):
     feat_sizes, input_size = args['feat_sizes'], args['input_size']
     if feat_sizes is not None and input_size is not None:
         raise ValueError(
-            f'{owner} takes feat_sizes or input_size, not both; got '
+            f'{owner} takes feat_sizes or input_size, not both (a config '
+            f'that inherits one sets it to None to give the other); got '
             f'feat_sizes={feat_sizes!r} and input_size={input_size!r}')
     for name in PER_STAGE + ('out_indices', ):
         value = out_indices if name == 'out_indices' else args[name]
