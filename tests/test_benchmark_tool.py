@@ -109,12 +109,22 @@ def test_compile_mode(tool):
     assert row['ops'] > 0 and row['compile_s'] > 0 and row['time'] > 0
 
 
-def test_threads_reach_the_measuring_processes(tool):
+def test_threads_reach_the_measuring_processes_in_every_round(tool):
     """``--threads`` sets each worker's environment (the tool never calls
-    ``torch.set_num_threads``); the workers report PyTorch's count."""
+    ``torch.set_num_threads``); the workers report PyTorch's count.
+    ``--repeat 2``: two alternating rounds, the ratio their median."""
+    import io
+    printed = io.StringIO()
     rows = tool.main(['--size', '8', '--channels', '32', '--groups', '4',
-                      '--threads', '1'] + QUICK, out=open(os.devnull, 'w'))
+                      '--threads', '1', '--repeat', '2'] + QUICK,
+                     out=printed)
     assert [r['threads'] for r in rows] == [1, 1]
+    fused, reference = rows
+    assert len(fused['time_ratios']) == 2
+    assert fused['time_ratio'] == pytest.approx(
+        sum(fused['time_ratios']) / 2)
+    assert reference['time_ratios'] == [1.0, 1.0]
+    assert '2 alternating rounds; time ratio per round' in printed.getvalue()
 
 
 def test_failure_names_the_subject(tool):
@@ -133,6 +143,7 @@ def test_failure_names_the_subject(tool):
     ['--mode', 'predict'],
     ['--with-cp', 'yes'],
     ['--profile', '0'],
+    ['--repeat', '0'],
     ['--baseline', 'reference'],  # a layer has no baseline
     ['--mode', 'compile', '--profile', '3'],
 ])

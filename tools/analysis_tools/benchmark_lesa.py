@@ -32,6 +32,10 @@ the same before the steps is printed beside it. FLOPs: of one image,
 :func:`lesa_mm.analysis.complexity_info` (the attention counted as the
 method's MACs, whichever kernel).
 
+``--repeat N`` measures the subjects in ``N`` alternating rounds and
+reports medians: on a machine whose speed drifts between runs, each round's
+ratio compares processes run one after the other.
+
 ``--profile N`` instead prints the ``N`` most expensive operators of one
 step of ours (``torch.profiler``, by self time), in this process.
 
@@ -42,7 +46,7 @@ Examples::
         configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --shape 224
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
         configs/lesa/lesa-resnet50_4xb32_in1k.py --batch 8 --mode train \\
-        --baseline reference
+        --baseline reference --repeat 5
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
         configs/lesa/lesa-resnet50_4xb32_in1k.py --mode compile
     python tools/analysis_tools/benchmark_lesa.py --subject model \\
@@ -51,6 +55,7 @@ Examples::
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -115,31 +120,54 @@ def specs(args):
 def run(args, out=None):
     """Measure every subject in its own process and print a markdown table.
 
+    With ``--repeat N`` the subjects are measured in ``N`` alternating
+    rounds (ours, the other, ours, ...), each process fresh: a row gives the
+    median of its rounds' times and the largest peak, a ratio the median of
+    the rounds' ratios, and a line under the table their range (on a
+    machine whose speed drifts, rounds of one pair compare like with like).
+
     Returns:
         list[dict]: Per subject ``name``, ``time`` (s per step, median),
         ``runs``, ``peak_mib``, ``flops`` and the ratios to the last
         subject (the reference kernel, or the baseline): ``time_ratio``,
-        ``mem_ratio``, ``flops_ratio``; with ``--mode compile`` the fields
-        of :func:`lesa_mm.benchmark.measure_compile`, ``compile_ratio`` and
+        ``mem_ratio``, ``flops_ratio``, and ``time_ratios`` (per round);
+        with ``--mode compile`` the fields of
+        :func:`lesa_mm.benchmark.measure_compile`, ``compile_ratio`` and
         ``time_ratio``.
     """
-    rows = [dict(name=s['name'], **run_in_subprocess(s)) for s in specs(args)]
+    table = 'compile' if args.mode == 'compile' else 'timed'
+    rounds = []
+    for _ in range(args.repeat):
+        measured = [dict(name=s['name'], **run_in_subprocess(s))
+                    for s in specs(args)]
+        for row in measured:
+            row.update({ratio: row[field] / measured[-1][field]
+                        for ratio, field in RATIOS[table].items()})
+        rounds.append(measured)
+    medians = set(RATIOS[table]) | set(RATIOS[table].values()) - {
+        'peak_mib', 'flops'}
+    rows = [dict(runs[0], time_ratios=[r['time_ratio'] for r in runs],
+                 **{key: statistics.median(r[key] for r in runs)
+                    for key in medians},
+                 **({'peak_mib': max(r['peak_mib'] for r in runs)}
+                    if table == 'timed' else {}))
+            for runs in zip(*rounds)]
     what, channels = ((args.config, 3) if args.config else
                       (f'LESA layer, {args.groups} heads', args.channels))
     print(f'{what}, {args.mode}, input {args.batch}x{channels}x'
           f'{args.shape[0]}x{args.shape[1]}, {args.device}, '
           f'{rows[0]["threads"]} threads\n', file=out)
-    base = rows[-1]
-    table = 'compile' if args.mode == 'compile' else 'timed'
-    for row in rows:
-        row.update({ratio: row[field] / base[field]
-                    for ratio, field in RATIOS[table].items()})
     columns = COLUMNS[table]
     print('| subject | ' + ' | '.join(h for h, _ in columns) + ' |\n|---|' +
           '---:|' * len(columns), file=out)
     for r in rows:
         print(f'| {r["name"]} | ' + ' | '.join(cell(r) for _, cell in columns)
               + ' |', file=out)
+    if args.repeat > 1:
+        ratios = rows[0]['time_ratios']
+        print(f'\n{args.repeat} alternating rounds; time ratio per round '
+              f'{min(ratios):.2f} to {max(ratios):.2f}: ' +
+              ', '.join(f'{r:.2f}' for r in ratios), file=out)
     return rows
 
 
@@ -174,6 +202,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int,
                         help="intra-op threads (OMP_NUM_THREADS of the "
                         "measuring processes); default: the environment's")
+    parser.add_argument('--repeat', type=int, default=1,
+                        help='alternating rounds of fresh processes (median '
+                        'time and ratio)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--min-run-time', type=float, default=10.0,
                         help='seconds of timed steps (at least one step)')
@@ -193,7 +224,8 @@ def parse_args(argv=None):
                      '--mode compile')
     if args.shape is not None and len(args.shape) not in (1, 2):
         parser.error(f'--shape/--size takes H or H W, got {args.shape}')
-    for name in ('batch', 'channels', 'groups', 'threads', 'profile'):
+    for name in ('batch', 'channels', 'groups', 'threads', 'profile',
+                 'repeat'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be positive, got '
                          f'{getattr(args, name)}')
