@@ -1,8 +1,9 @@
 """Properties over input sizes.
 
-* Every shipped backbone config with ``detection_qr`` positions serves every
-  input size MMDetection's ``ResNet`` of the same depth, strides and style
-  serves (from 1x1 to 200x200 here), with the same output sizes.
+* Every shipped backbone config with ``detection_qr`` positions, and the
+  detection backbone with dilated stages or the caffe style, serves every
+  input size MMDetection's ``ResNet`` of the same depth, strides, dilations
+  and style serves (from 1x1 to 200x200 here), with the same output sizes.
 * A plain dynamic export of the detection backbone (``torch.onnx.export``,
   ``Dim.DYNAMIC`` height and width) runs in ONNX Runtime and matches eager
   PyTorch within 1e-4 at drawn sizes, multiples of 32 or not.
@@ -29,6 +30,11 @@ QR_CONFIGS = ['configs/lesa/mask-rcnn_lesa-r50.py',
               'configs/lesa/lesa-wrn50-qr_4xb32_in1k.py',
               # the self-attention baseline: the binary term alone
               'configs/baselines/mask-rcnn_sa-r50.py']
+#: the detection backbone with what the stock ResNet offers besides
+VARIANTS = {
+    'dilated': dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)),
+    'caffe': dict(style='caffe'),
+}
 
 
 def slim(backbone_cfg, **overrides):
@@ -44,13 +50,15 @@ def slim(backbone_cfg, **overrides):
 
 
 def stock(backbone_cfg):
-    """MMDetection's ResNet of the same depth, strides and style
+    """MMDetection's ResNet of the same depth, strides, dilations and style
     (deformable convolutions where the config has them)."""
     from mmdet.models.backbones import ResNet
     model = ResNet(
         depth=backbone_cfg.get('depth', 50),
         strides=backbone_cfg.get('strides', (1, 2, 2, 1)),
-        dilations=(1, 1, 1, 1), stem_channels=8, base_channels=8,
+        dilations=backbone_cfg.get('dilations', (1, 1, 1, 1)),
+        style=backbone_cfg.get('style', 'pytorch'),
+        stem_channels=8, base_channels=8,
         out_indices=tuple(backbone_cfg.get('out_indices', (3, ))),
         deep_stem=backbone_cfg.get('deep_stem', False),
         avg_down=backbone_cfg.get('avg_down', False),
@@ -69,6 +77,11 @@ def backbones():
         assert cfg.pe_type == 'detection_qr', path
         built[path] = (slim(cfg.to_dict()), stock(cfg),
                        stock(dict(cfg.to_dict(), dcn=None)))
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, QR_CONFIGS[0]))
+    for name, variant in VARIANTS.items():
+        cfg_variant = dict(cfg.model.backbone.to_dict(), **variant)
+        built[name] = (slim(cfg_variant), stock(cfg_variant),
+                       stock(dict(cfg_variant, dcn=None)))
     return built
 
 
@@ -114,7 +127,7 @@ def test_backbones_serve_every_size_a_resnet_serves(profile, backbones):
                   for size in [(496, 512), (97, 161), (257, 255), (33, 47),
                                (1, 1)]],
         case=st.fixed_dictionaries(dict(
-            config=st.sampled_from(QR_CONFIGS),
+            config=st.sampled_from(QR_CONFIGS + list(VARIANTS)),
             size=st.tuples(st.integers(1, 200), st.integers(1, 200)))))
 
 
