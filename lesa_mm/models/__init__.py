@@ -4,11 +4,11 @@ from .layers import (DynamicGateFusion, LESA, LESABinary, LESAUnary,
 
 __all__ = [
     'LESA', 'LESAUnary', 'LESABinary', 'DynamicGateFusion', 'SumFusion',
-    'LESAResNet', 'LESAResNeXt'
+    *backbones.REGISTERED
 ]
 
 
 def __getattr__(name):
-    if name in ('LESAResNet', 'LESAResNeXt'):  # defined on first use
+    if name in backbones.REGISTERED:  # defined on first use
         return getattr(backbones, name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -144,8 +144,9 @@ def run(args, out=None):
             row.update({ratio: row[field] / measured[-1][field]
                         for ratio, field in RATIOS[table].items()})
         rounds.append(measured)
-    medians = set(RATIOS[table]) | set(RATIOS[table].values()) - {
-        'peak_mib', 'flops'}
+    # per subject: the median of its times and ratios, its largest peak
+    medians = ['time', *(['compile_s'] if table == 'compile' else []),
+               *RATIOS[table]]
     rows = [dict(runs[0], time_ratios=[r['time_ratio'] for r in runs],
                  **{key: statistics.median(r[key] for r in runs)
                     for key in medians},

@@ -13,8 +13,9 @@ import importlib
 
 from lesa_mm.registry import MODELS, register_on_first_use
 
-__all__ = ['LESAResNet', 'LESAResNeXt', 'LESABottleneck']
-_REGISTERED = ('LESAResNet', 'LESAResNeXt')
+#: The backbones registered by name (``type='LESAResNet'``).
+REGISTERED = ('LESAResNet', 'LESAResNeXt')
+__all__ = [*REGISTERED, 'LESABottleneck']
 
 
 def __getattr__(name):
@@ -24,6 +25,6 @@ def __getattr__(name):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-for _name in _REGISTERED:
+for _name in REGISTERED:
     register_on_first_use(MODELS, _name,
                           functools.partial(__getattr__, _name), __name__)
