@@ -12,7 +12,9 @@ relative. Under bf16 autocast the fused kernels stay within a stated
 tolerance of float32.
 
 The kernel-level properties draw the kernels' own inputs, non-contiguous
-layouts included, against a dense softmax written here.
+layouts included, against a dense softmax written here; for the
+``classification`` kernel, its hand-written backward against autograd
+through explicitly gathered tables.
 """
 import contextlib
 import copy
@@ -24,7 +26,7 @@ from hypothesis import event, strategies as st
 from conftest import (PROFILES, check_property, dense_attention,
                       randomize_norms, rel_error)
 from lesa_mm.models import LESA
-from lesa_mm.models.layers import folded_rows, key_blocks
+from lesa_mm.models.layers import flattened_kernels, folded_rows, key_blocks
 
 #: Relative tolerance of the float64 comparisons.
 EXACT = 1e-10
@@ -364,3 +366,49 @@ def test_key_block_kernel_equals_dense_softmax(profile):
 def test_folded_kernel_equals_dense_softmax(profile):
     check_property(profile, dict(default=40, thorough=3000), check_folded,
                    case=kernel_cases())
+
+
+@st.composite
+def flattened_cases(draw):
+    return dict(length=draw(st.integers(1, 64)), heads=draw(st.integers(1, 6)),
+                dq=draw(st.integers(1, 12)), dv=draw(st.integers(1, 24)),
+                grad_layouts=draw(st.lists(st.sampled_from(
+                    ['contiguous', 'transposed']), min_size=2, max_size=2)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def check_flattened(case):
+    """The classification kernel's products and hand-written backward
+    against a dense formulation: the offset of query ``i`` and reversed key
+    ``j'`` is table column ``i + j'``, gathered by index."""
+    torch.manual_seed(case['seed'])
+    length, heads, dq, dv = (case[k] for k in ('length', 'heads', 'dq', 'dv'))
+    shapes = [(length, heads, dq)] * 4 + [(heads, length, dv)] + \
+        [(dq, 2 * length - 1)] * 2 + [(dv, 2 * length - 1)]
+    inputs = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+              for s in shapes]
+    o_v, o_e = flattened_kernels._FlattenedAttention.apply(*inputs)
+    qa, qb, kc, k_rev, v_rev, eq, ekf, ev = inputs
+    index = torch.arange(length)[:, None] + torch.arange(length)[None, :]
+    logits = (torch.einsum('ibc,jbc->bij', qa, k_rev) +
+              torch.einsum('ibc,cij->bij', qb, eq[:, index]) +
+              torch.einsum('jbc,cij->bij', kc, ekf[:, index]))
+    attn = logits.softmax(dim=-1)
+    expected = (attn @ v_rev, torch.einsum('bij,cij->ibc', attn, ev[:, index]))
+    for out, exp in zip((o_v, o_e), expected):
+        assert rel_error(out, exp) < EXACT
+    # the layer hands o_v's gradient over transposed (a view)
+    grad_outs = [laid_out(torch.randn_like(o), layout) for o, layout in
+                 zip((o_v, o_e), case['grad_layouts'])]
+    grads = torch.autograd.grad((o_v, o_e), inputs, grad_outs)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_outs)
+    scale = max(g.norm().item() for g in expected_grads)
+    for name, grad, exp in zip('qa qb kc k_rev v_rev eq ekf ev'.split(),
+                               grads, expected_grads):
+        assert close(grad, exp, scale), name
+
+
+@pytest.mark.parametrize('profile', PROFILES)
+def test_flattened_kernel_backward_equals_autograd(profile):
+    check_property(profile, dict(default=40, thorough=3000),
+                   check_flattened, case=flattened_cases())
