@@ -128,6 +128,7 @@ def _products_backward(qa, qb, kc, k_rev, v_rev, eq, ekf, ev, attn, g_ov,
     g_attn += torch.bmm(g_oe, win_v.transpose(0, 1)).transpose(0, 1)
     g_v_rev = torch.bmm(g_ov.transpose(1, 2), attn).transpose(1, 2)
     g_ev = anti_diagonal_sums(torch.bmm(g_oe.transpose(1, 2), attn_i))
+    # the softmax's own backward kernel (what autograd runs for it)
     g_logits = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype)
     del g_attn
     g_i = g_logits.transpose(0, 1)  # (i, B, j')
