@@ -74,6 +74,12 @@ def anti_diagonal_sums(prod):
     return band.sum(1)
 
 
+def _windows(length, *tables):
+    """The sliding windows of each ``(c, 2L - 1)`` table, ``(c, L, L)``
+    strided views: ``[:, i, j']`` is column ``i + j'``."""
+    return [t.unfold(-1, length, 1) for t in tables]
+
+
 def _products(qa, qb, kc, k_rev, v_rev, eq, ekf, ev):
     """The attention and its outputs, with ``B = N g`` heads, the keys and
     values in reverse order (``j' = L - 1 - j``) and the scales applied.
@@ -92,9 +98,7 @@ def _products(qa, qb, kc, k_rev, v_rev, eq, ekf, ev):
         tuple[Tensor]: ``o_v (B, i, dv)``, ``o_e (i, B, dv)`` and the
         attention ``(B, i, j')``.
     """
-    length = qb.shape[0]
-    # windows (c, L, L): [:, i, j'] -> column i + j'
-    win_q, win_k, win_v = (t.unfold(-1, length, 1) for t in (eq, ekf, ev))
+    win_q, win_k, win_v = _windows(qb.shape[0], eq, ekf, ev)
     s_qr = torch.bmm(qb, win_q.transpose(0, 1))  # (i, B, j')
     s_kr = torch.bmm(kc, win_k.transpose(0, 1))  # (j', B, i)
     logits = torch.baddbmm(s_qr.transpose(0, 1), qa.transpose(0, 1),
@@ -121,8 +125,7 @@ def _products_backward(qa, qb, kc, k_rev, v_rev, eq, ekf, ev, attn, g_ov,
     head's ``L x L`` block. The windows' gradients go to the tables through
     :func:`anti_diagonal_sums`.
     """
-    length = qb.shape[0]
-    win_q, win_k, win_v = (t.unfold(-1, length, 1) for t in (eq, ekf, ev))
+    win_q, win_k, win_v = _windows(qb.shape[0], eq, ekf, ev)
     attn_i = attn.transpose(0, 1)  # (i, B, j')
     g_attn = torch.bmm(g_ov, v_rev.transpose(1, 2))
     g_attn += torch.bmm(g_oe, win_v.transpose(0, 1)).transpose(0, 1)
